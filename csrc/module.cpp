@@ -1,0 +1,43 @@
+// module.cpp — the pybind11 module llmcore._C. Importing it runs the static TORCH_LIBRARY
+// registrations of every op; the module itself only exposes build information.
+#include <pybind11/pybind11.h>
+
+#include "common/cpu_utils.h"
+
+#ifndef LLMCORE_VERSION
+#define LLMCORE_VERSION "0.0.0"
+#endif
+#ifndef LLMCORE_CUDA_ARCHS
+#define LLMCORE_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+static const char* selected_cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return "skylake-avx512";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "haswell(avx2+fma)";
+  return "x86-64";
+#else
+  return "default";
+#endif
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "llmcore C++/CUDA extension: ops register under torch.ops.llmcore";
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = LLMCORE_VERSION;
+    d["cpu_isa_variants"] = LLMCORE_CPU_ISA_VARIANTS;
+    d["cpu_isa_selected"] = selected_cpu_isa();
+#ifdef LLMCORE_WITH_CUDA
+    d["cuda_bindings"] = true;
+#else
+    d["cuda_bindings"] = false;
+#endif
+    d["cuda_archs"] = LLMCORE_CUDA_ARCHS;
+    return d;
+  });
+}

@@ -1,0 +1,8 @@
+"""llmcore.ops — the kernels, as PyTorch custom ops (torch.ops.llmcore.*) with autograd.
+
+Each op lives in llmcore/ops/<op>.py: the public function, its fake (meta) kernel, its autograd
+formula and `<op>_reference`, the pure-PyTorch fp32 twin used as test oracle and benchmark
+baseline. The C++/CUDA side of op <op> is in csrc/ops/<op>/.
+"""
+from llmcore.ops._lib import get_backend, set_backend  # noqa: F401  (loads the extension)
+from llmcore.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference  # noqa: F401

@@ -1,0 +1,52 @@
+"""Loading the extension and choosing the backend of every op.
+
+The extension (llmcore._C) registers the `torch.ops.llmcore.*` schemas and their CPU/CUDA
+implementations. Without it, importing llmcore.ops fails with instructions: there is no silent
+fallback. `LLMCORE_BACKEND=reference` (or `set_backend("reference")`) routes every public op
+through its pure-PyTorch `<op>_reference` instead — a debugging and comparison aid.
+"""
+import os
+
+import torch
+
+_BACKENDS = ("llmcore", "reference")
+_backend = os.environ.get("LLMCORE_BACKEND", "llmcore")
+if _backend not in _BACKENDS:
+    raise ValueError(f"LLMCORE_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+
+_ext = None
+
+
+def load_extension():
+    global _ext
+    if _ext is None:
+        try:
+            from llmcore import _C
+        except ImportError as e:
+            raise ImportError(
+                "llmcore's C++ extension (llmcore._C) is not built or failed to load: "
+                f"{e}. Build it from the repository root with: pip install torch==2.13.0 (or your "
+                "CUDA torch) && pip install -e . --no-build-isolation"
+            ) from e
+        _ext = _C
+    return _ext
+
+
+def set_backend(name: str) -> None:
+    """'llmcore' (the kernels) or 'reference' (every op through its pure-PyTorch reference)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def use_reference() -> bool:
+    return _backend == "reference"
+
+
+load_extension()
+ops = torch.ops.llmcore
