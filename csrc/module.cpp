@@ -13,12 +13,12 @@
 
 namespace py = pybind11;
 
+// The clone the ifunc resolvers pick (common/cpu_utils.h): by ISA level, as GCC's resolver does.
 static const char* selected_cpu_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return "skylake-avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "haswell(avx2+fma)";
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4(avx512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3(avx2+fma)";
   return "x86-64";
 #else
   return "default";
