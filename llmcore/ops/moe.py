@@ -80,7 +80,7 @@ def moe_combine_reference(y_permuted, topk_weights, row_map, num_tokens):
     """Pure-PyTorch moe_combine: gather the k rows of each token, weight, sum in fp32."""
     T, k = row_map.shape
     acc = _acc(y_permuted)
-    rows = y_permuted.to(acc)[row_map.reshape(-1).long()].view(T, k, -1)  # (T, k, H)
+    rows = y_permuted.to(acc)[row_map.reshape(-1).long()].view(T, k, y_permuted.shape[1])  # (T, k, H)
     w = torch.ones(T, k, dtype=acc, device=y_permuted.device) if topk_weights is None else topk_weights.to(acc)
     return (rows * w.unsqueeze(-1)).sum(1).to(y_permuted.dtype)
 
