@@ -130,6 +130,8 @@ def moe_aux_loss(router_logits, topk_ids, score="softmax", seq_len=None):
     s = _scores(router_logits.to(_acc(router_logits)), score)
     if score == "sigmoid":
         s = s / (s.sum(-1, keepdim=True) + 1e-20)
+    if T == 0:
+        return s.sum() * 0.0  # no tokens: zero, still attached to the graph
     S = T if seq_len is None else seq_len
     if S <= 0 or T % S:
         raise ValueError(f"seq_len must divide the number of tokens {T}, got {seq_len}")
