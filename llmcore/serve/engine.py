@@ -60,7 +60,8 @@ class Engine(abc.ABC):
 
 
 class ModelEngine(Engine):
-    """llmcore model + tokenizer. `generate` uses llmcore.model.generate's streaming iterator."""
+    """llmcore model + tokenizer. `generate` is llmcore.model.generate.stream (KV cache, sampling);
+    stop ids default to the tokenizer's eos (<|im_end|>, which ends every assistant turn)."""
 
     def __init__(self, model, tokenizer, model_id: str = "llmcore", max_seq_len: int | None = None,
                  stop_ids: Sequence[int] | None = None):
@@ -72,9 +73,9 @@ class ModelEngine(Engine):
         cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
         self.max_seq_len = int(max_seq_len or getattr(cfg, "max_seq_len", 0) or 512)
         if stop_ids is None:
-            stop_ids = [i for i in (getattr(tokenizer, "eos_id", None), getattr(tokenizer, "im_end_id", None))
-                        if i is not None]
-        self.stop_ids = list(stop_ids)
+            stop_ids = {i for i in (getattr(tokenizer, "eos_id", None), getattr(tokenizer, "im_end_id", None))
+                        if i is not None}
+        self.stop_ids = sorted(stop_ids)
         self._torch = torch
 
     def encode(self, text: str) -> list[int]:
@@ -87,21 +88,19 @@ class ModelEngine(Engine):
         return list(out)
 
     def decode(self, ids):
-        return self.tok.decode(list(ids))
+        return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def generate(self, prompt_ids, params):
-        from llmcore.model.generate import stream_generate
+        from llmcore.model.generate import stream
 
         torch = self._torch
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator().manual_seed(int(params.seed))
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+        gen = torch.Generator().manual_seed(int(params.seed)) if params.seed is not None else None
+        room = self.max_seq_len - len(prompt_ids)
         with torch.inference_mode():
-            yield from stream_generate(
-                self.model, ids, max_new_tokens=params.max_tokens, temperature=params.temperature,
-                top_k=params.top_k or None, top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-                stop_ids=self.stop_ids, generator=gen)
+            yield from stream(self.model, list(prompt_ids), max_new_tokens=max(0, min(params.max_tokens, room)),
+                              temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                              repetition_penalty=params.repetition_penalty, stop_tokens=tuple(self.stop_ids),
+                              generator=gen)
 
 
 @dataclasses.dataclass
