@@ -96,11 +96,13 @@ class ModelEngine(Engine):
         torch = self._torch
         gen = torch.Generator().manual_seed(int(params.seed)) if params.seed is not None else None
         room = self.max_seq_len - len(prompt_ids)
-        with torch.inference_mode():
-            yield from stream(self.model, list(prompt_ids), max_new_tokens=max(0, min(params.max_tokens, room)),
-                              temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                              repetition_penalty=params.repetition_penalty, stop_tokens=tuple(self.stop_ids),
-                              generator=gen)
+        # no `with no_grad()` here: generators of several requests interleave on the worker thread, so
+        # a context manager held across yields would leak; stream_batch is itself a no_grad generator
+        # (torch re-enters the mode around every step).
+        yield from stream(self.model, list(prompt_ids), max_new_tokens=max(0, min(params.max_tokens, room)),
+                          temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                          repetition_penalty=params.repetition_penalty, stop_tokens=tuple(self.stop_ids),
+                          generator=gen)
 
 
 @dataclasses.dataclass
