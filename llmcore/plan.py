@@ -116,13 +116,16 @@ def arch_from_config(cfg: Any) -> Arch:
     n_kv = int(_get(cfg, ("n_kv_heads", "num_key_value_heads"), n_heads) or n_heads)
     head_dim = int(_get(cfg, ("head_dim",), None) or dim // n_heads)
     ffn = int(_get(cfg, ("ffn_dim", "hidden_dim", "intermediate_size", "ffn_hidden"), 0) or 0)
-    n_exp = int(_get(cfg, ("n_experts", "n_routed_experts", "num_experts"), 0) or 0)
+    n_exp = int(_get(cfg, ("n_experts", "n_routed_experts", "num_experts", "num_local_experts"), 0) or 0)
     if not _get(cfg, ("use_moe", "moe"), n_exp > 0):
         n_exp = 0
     top_k = int(_get(cfg, ("top_k", "moe_top_k", "num_experts_per_tok"), 0) or 0)
     efn = int(_get(cfg, ("expert_ffn_dim", "moe_ffn_dim", "moe_intermediate_size", "expert_dim"), 0) or ffn)
     n_sh = int(_get(cfg, ("n_shared_experts", "n_shared"), 0) or 0)
-    sfn = int(_get(cfg, ("shared_ffn_dim", "shared_expert_intermediate_size"), 0) or efn)
+    sfn = int(_get(cfg, ("shared_ffn_dim",), 0) or efn)
+    hf_shared = int(_get(cfg, ("shared_expert_intermediate_size",), 0) or 0)
+    if hf_shared and not n_sh:  # a transformers Qwen2-MoE config: one shared expert of that width
+        n_sh, sfn = 1, hf_shared
     return Arch(
         vocab=int(_get(cfg, ("vocab_size", "vocab"))),
         dim=dim,

@@ -22,6 +22,10 @@ def load_config(spec, overrides):
     if spec in PRESETS:
         return get_config(spec, **overrides)
     p = Path(spec)
+    if p.is_dir() and not (p / "meta.json").exists() and not (p / "config.json").exists():
+        from llmcore.train.checkpoint import latest_checkpoint
+
+        p = latest_checkpoint(p) or p
     for f in (p / "meta.json", p / "config.json", p):
         if f.is_file():
             d = json.loads(f.read_text())
