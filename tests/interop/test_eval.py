@@ -143,6 +143,8 @@ def test_sample_csv_and_errors(tmp_path):
     j = tmp_path / "t.jsonl"
     j.write_text('{"text": "x"}\n\n{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
     assert read_texts(j) == ["x", "a\nb"]
+    j.write_text('{"question": "q?", "answer": "b", "kind": "fact"}\n')
+    assert read_texts(j) == ["q?\nb"]
     j.write_text('{"oops": 1}\n')
     with pytest.raises(ValueError, match="text"):
         read_texts(j)
