@@ -16,6 +16,7 @@
 //   contraction: see unfused_mul).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common/cpu_utils.h"
 #include "nf4/nf4.h"
@@ -46,6 +47,12 @@ LLMCORE_INLINE float unfused_mul(float a, float b) {
   return p;
 }
 
+// Local min/max: std::min/std::max are not inlined into the target_clones entry points (they would
+// be out-of-line calls in the hot loops).
+LLMCORE_INLINE float fmin2(float a, float b) { return b < a ? b : a; }
+LLMCORE_INLINE float fmax2(float a, float b) { return a < b ? b : a; }
+LLMCORE_INLINE int64_t imin2(int64_t a, int64_t b) { return b < a ? b : a; }
+
 struct Nf4Mids {
   float m[16];  // 15 midpoints fl((c_k + c_{k+1}) / 2), padded with +inf
   Nf4Mids() {
@@ -57,11 +64,11 @@ struct Nf4Mids {
 template <typename T>
 LLMCORE_INLINE void quantize_block(const Nf4QuantizeParams& p, int64_t b, const float* mids) {
   const T* w = static_cast<const T*>(p.w);
-  const int64_t i0 = b * p.blocksize, i1 = std::min(i0 + p.blocksize, p.n), len = i1 - i0;
+  const int64_t i0 = b * p.blocksize, i1 = imin2(i0 + p.blocksize, p.n), len = i1 - i0;
   float am = 0.f;
 #pragma omp simd reduction(max : am)
-  for (int64_t i = i0; i < i1; ++i) am = std::max(am, std::fabs(widen(w[i])));
-  const float den = std::max(am, tiny_absmax());
+  for (int64_t i = i0; i < i1; ++i) am = fmax2(am, std::fabs(widen(w[i])));
+  const float den = fmax2(am, tiny_absmax());
   const bool partial = len < p.blocksize;
   p.absmax[b] = partial ? den : am;
   const float inv = 1.0f / den;
@@ -70,7 +77,7 @@ LLMCORE_INLINE void quantize_block(const Nf4QuantizeParams& p, int64_t b, const 
   for (int64_t k = 0; k < len; ++k) {
     const float v = widen(w[i0 + k]);
     float x = partial ? v / den : v * inv;
-    x = std::min(std::max(x, -1.0f), 1.0f);
+    x = fmin2(fmax2(x, -1.0f), 1.0f);
     int q = 0;
     for (int j = 0; j < 15; ++j) q += x > mids[j] ? 1 : 0;
     codes[k] = static_cast<uint8_t>(q);
@@ -88,46 +95,98 @@ LLMCORE_INLINE void quantize_blocks(const Nf4QuantizeParams& p, int64_t b0, int6
   for (int64_t b = b0; b < b1; ++b) quantize_block<T>(p, b, mids.m);
 }
 
-// Dequantize blocks [b0, b1) into T outputs; S is the unsigned storage word of T.
-template <typename T, typename S>
-LLMCORE_INLINE void dequant_blocks(const Nf4DequantParams& p, int64_t b0, int64_t b1) {
-  static_assert(sizeof(S) == sizeof(T), "storage word");
-  S* out = static_cast<S*>(p.out);
-  for (int64_t b = b0; b < b1; ++b) {
-    float a;
-    if (p.qabsmax) a = unfused_mul(p.code2[p.qabsmax[b]], p.absmax2[b / kNf4Blocksize2]) + p.offset[0];
-    else a = p.absmax[b];
-    S t[16];
-    for (int k = 0; k < 16; ++k) {
-      const T v = narrow<T>(kNf4Code[k] * a);
-      std::memcpy(&t[k], &v, sizeof(S));
-    }
-    const int64_t i0 = b * p.blocksize, i1 = std::min(i0 + p.blocksize, p.n);
-    const int64_t full = (i1 - i0) / 2;  // whole bytes in this block
-    const uint8_t* in = p.packed + i0 / 2;
-    S* o = out + i0;
-    if constexpr (sizeof(S) == 2) {
-      uint32_t* o32 = reinterpret_cast<uint32_t*>(o);  // i0 is even: 4-byte aligned when out is
-#pragma omp simd
-      for (int64_t j = 0; j < full; ++j) {
-        const uint8_t v = in[j];
-        o32[j] = static_cast<uint32_t>(t[v >> 4]) | (static_cast<uint32_t>(t[v & 15]) << 16);
-      }
+// ---- dequantize ----
+// 16-byte vectors (GCC vector extensions, so every ISA clone compiles them: SSSE3+ clones turn the
+// variable byte shuffles into pshufb and the constant two-input ones into punpck*).
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+#define LLMCORE_ILV_LO {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23}
+#define LLMCORE_ILV_HI {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31}
+
+// 16 packed bytes (32 values) -> 32 outputs of W bytes each, via W 16-entry byte tables: byte k of
+// value v is tab[k][code(v)]. Nibble indices are first put in value order (high nibble first).
+template <int W>
+LLMCORE_INLINE void dequant_16_bytes(const uint8_t* in, const u8x16* tab, uint8_t* out) {
+  const u8x16 ilv_lo = LLMCORE_ILV_LO, ilv_hi = LLMCORE_ILV_HI;
+  u8x16 v;
+  std::memcpy(&v, in, 16);
+  const u8x16 hi = v >> 4, lo = v & 15;
+  const u8x16 idx[2] = {__builtin_shuffle(hi, lo, ilv_lo), __builtin_shuffle(hi, lo, ilv_hi)};
+  for (int h = 0; h < 2; ++h) {  // values 16h .. 16h+15
+    if constexpr (W == 2) {
+      const u8x16 b0 = __builtin_shuffle(tab[0], idx[h]), b1 = __builtin_shuffle(tab[1], idx[h]);
+      const u8x16 o0 = __builtin_shuffle(b0, b1, ilv_lo), o1 = __builtin_shuffle(b0, b1, ilv_hi);
+      std::memcpy(out + 32 * h, &o0, 16);
+      std::memcpy(out + 32 * h + 16, &o1, 16);
     } else {
-#pragma omp simd
-      for (int64_t j = 0; j < full; ++j) {
-        const uint8_t v = in[j];
-        o[2 * j] = t[v >> 4];
-        o[2 * j + 1] = t[v & 15];
-      }
+      const u8x16 w16_lo = {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23};
+      const u8x16 w16_hi = {8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31};
+      const u8x16 b0 = __builtin_shuffle(tab[0], idx[h]), b1 = __builtin_shuffle(tab[1], idx[h]);
+      const u8x16 b2 = __builtin_shuffle(tab[2], idx[h]), b3 = __builtin_shuffle(tab[3], idx[h]);
+      const u8x16 l_a = __builtin_shuffle(b0, b1, ilv_lo), l_b = __builtin_shuffle(b0, b1, ilv_hi);
+      const u8x16 h_a = __builtin_shuffle(b2, b3, ilv_lo), h_b = __builtin_shuffle(b2, b3, ilv_hi);
+      const u8x16 o0 = __builtin_shuffle(l_a, h_a, w16_lo), o1 = __builtin_shuffle(l_a, h_a, w16_hi);
+      const u8x16 o2 = __builtin_shuffle(l_b, h_b, w16_lo), o3 = __builtin_shuffle(l_b, h_b, w16_hi);
+      std::memcpy(out + 64 * h, &o0, 16);
+      std::memcpy(out + 64 * h + 16, &o1, 16);
+      std::memcpy(out + 64 * h + 32, &o2, 16);
+      std::memcpy(out + 64 * h + 48, &o3, 16);
     }
-    if ((i1 - i0) & 1) o[2 * full] = t[in[full] >> 4];  // odd tail: only the high nibble is a value
   }
 }
 
+LLMCORE_INLINE float block_scale(const Nf4DequantParams& p, int64_t b) {
+  if (p.qabsmax) return unfused_mul(p.code2[p.qabsmax[b]], p.absmax2[b / kNf4Blocksize2]) + p.offset[0];
+  return p.absmax[b];
+}
+
+// Dequantize blocks [b0, b1) into T outputs (T of 2 or 4 bytes: the byte-table path; 8: scalar).
+template <typename T>
+LLMCORE_INLINE void dequant_blocks(const Nf4DequantParams& p, int64_t b0, int64_t b1) {
+  constexpr int W = sizeof(T);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float a = block_scale(p, b);
+    alignas(64) T t[16];
+#pragma omp simd
+    for (int k = 0; k < 16; ++k) t[k] = narrow<T>(kNf4Code[k] * a);  // == rounding each product itself
+    const int64_t i0 = b * p.blocksize, len = imin2(i0 + p.blocksize, p.n) - i0;
+    const uint8_t* in = p.packed + i0 / 2;
+    T* o = out + i0;
+    int64_t j = 0;  // bytes done
+    if constexpr (W == 2 || W == 4) {
+      using Word = typename std::conditional<W == 2, uint16_t, uint32_t>::type;
+      alignas(64) Word words[16];
+      std::memcpy(words, t, sizeof(words));
+      alignas(16) uint8_t bytes[W][16];  // bytes[c][k]: byte c of table entry k
+      for (int c = 0; c < W; ++c) {
+#pragma omp simd
+        for (int k = 0; k < 16; ++k) bytes[c][k] = static_cast<uint8_t>(words[k] >> (8 * c));
+      }
+      u8x16 tab[W];
+      std::memcpy(tab, bytes, sizeof(tab));
+      for (; j + 16 <= len / 2; j += 16) dequant_16_bytes<W>(in + j, tab, reinterpret_cast<uint8_t*>(o + 2 * j));
+    }
+    for (; j < len / 2; ++j) {
+      o[2 * j] = t[in[j] >> 4];
+      o[2 * j + 1] = t[in[j] & 15];
+    }
+    if (len & 1) o[2 * j] = t[in[j] >> 4];  // odd tail: only the high nibble is a value
+  }
+}
+
+// ISA clones picked by CPU *features*. (LLMCORE_CPU_MULTIVERSION's "arch=haswell" /
+// "arch=skylake-avx512" clones are dispatched by CPU *model* (__builtin_cpu_is), so on AMD EPYC —
+// this project's CI machines — the baseline x86-64 clone runs: 30x slower here. Reported to the lead.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLMCORE_NO_MULTIVERSION)
+#define LLMCORE_NF4_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define LLMCORE_NF4_CLONES
+#endif
+
 }  // namespace
 
-LLMCORE_CPU_MULTIVERSION
+LLMCORE_NF4_CLONES
 void nf4_quantize_cpu(const Nf4QuantizeParams& p, int64_t block_begin, int64_t block_end) {
   switch (p.dtype) {  // float64 is not a weight dtype here (bitsandbytes takes fp32/fp16/bf16)
     case DType::Float32: quantize_blocks<float>(p, block_begin, block_end); break;
@@ -143,9 +202,9 @@ void nf4_double_quant_cpu(const Nf4DoubleQuantParams& p, int64_t block2_begin, i
   for (int k = 0; k < 255; ++k) mids[k] = 0.5f * (p.code2[k] + p.code2[k + 1]);
   const float off = p.offset[0];
   for (int64_t b2 = block2_begin; b2 < block2_end; ++b2) {
-    const int64_t j0 = b2 * kNf4Blocksize2, j1 = std::min(j0 + kNf4Blocksize2, p.nblocks);
+    const int64_t j0 = b2 * kNf4Blocksize2, j1 = imin2(j0 + kNf4Blocksize2, p.nblocks);
     float am = 0.f;
-    for (int64_t j = j0; j < j1; ++j) am = std::max(am, std::fabs(p.absmax[j] - off));
+    for (int64_t j = j0; j < j1; ++j) am = fmax2(am, std::fabs(p.absmax[j] - off));
     p.absmax2[b2] = am;
     if (am == 0.f) {
       for (int64_t j = j0; j < j1; ++j) p.qabsmax[j] = 0;
@@ -154,7 +213,7 @@ void nf4_double_quant_cpu(const Nf4DoubleQuantParams& p, int64_t block2_begin, i
     const float inv = 1.0f / am;
     for (int64_t j = j0; j < j1; ++j) {
       float x = (p.absmax[j] - off) * inv;
-      x = std::min(std::max(x, -1.0f), 1.0f);
+      x = fmin2(fmax2(x, -1.0f), 1.0f);
       const float t = (x + 1.0f) * 0.5f;
       const int idx = static_cast<int>(std::fmaf(t, 65535.0f, 0.5f)) & 0xFFFF;
       const float val = static_cast<float>(2 * idx) / 65535.0f - 1.0f;
@@ -170,13 +229,13 @@ void nf4_double_quant_cpu(const Nf4DoubleQuantParams& p, int64_t block2_begin, i
   }
 }
 
-LLMCORE_CPU_MULTIVERSION
+LLMCORE_NF4_CLONES
 void nf4_dequantize_cpu(const Nf4DequantParams& p, int64_t block_begin, int64_t block_end) {
   switch (p.out_dtype) {
-    case DType::Float32: dequant_blocks<float, uint32_t>(p, block_begin, block_end); break;
-    case DType::Float16: dequant_blocks<fp16_t, uint16_t>(p, block_begin, block_end); break;
-    case DType::BFloat16: dequant_blocks<bf16_t, uint16_t>(p, block_begin, block_end); break;
-    case DType::Float64: dequant_blocks<double, uint64_t>(p, block_begin, block_end); break;
+    case DType::Float32: dequant_blocks<float>(p, block_begin, block_end); break;
+    case DType::Float16: dequant_blocks<fp16_t>(p, block_begin, block_end); break;
+    case DType::BFloat16: dequant_blocks<bf16_t>(p, block_begin, block_end); break;
+    case DType::Float64: dequant_blocks<double>(p, block_begin, block_end); break;
   }
 }
 
