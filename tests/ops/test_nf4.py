@@ -240,7 +240,6 @@ def test_opcheck():
     w = _weight((33, 70), torch.float32, "cpu")
     torch.library.opcheck(torch.ops.llmcore.nf4_quantize_fwd, (w, 64))
     nf = lo.nf4_quantize(w, 64, double_quant=False)
-    a = lo.nf4_quantize(w, 64).absmax2  # noqa: F841  (exercise the double-quant path once)
     torch.library.opcheck(torch.ops.llmcore.nf4_double_quant_fwd, (nf.absmax, dynamic_map_signed()))
     dq = lo.nf4_quantize(w, 64)
     torch.library.opcheck(torch.ops.llmcore.nf4_dequantize_fwd,
