@@ -26,6 +26,10 @@ Load balancing and the trainer contract:
   accumulation micro-batches are all counted. The bias only changes which experts are chosen.
 - balance="none": neither.
 `expert_load` is counted in every mode (useful for logging); `reset_load()` clears it.
+
+torch.compile: the ops are custom ops with fake kernels (fullgraph-safe), but the per-expert
+matmul loop reads the expert counts on the host (`counts.tolist()`), a graph break; on CUDA with
+bf16 activations torch._grouped_mm takes the counts as a device tensor instead (no sync).
 """
 import math
 
@@ -94,6 +98,12 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.aux_loss = torch.zeros(())
         self.reset_parameters()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16) etc. would round the selection bias; its +-gamma steps need fp32.
+        super()._apply(fn, *args, **kwargs)
+        self.expert_bias = self.expert_bias.float()
+        return self
 
     def reset_parameters(self):
         """Each expert initialized like an nn.Linear of its shape: U(-1/sqrt(in), 1/sqrt(in))."""

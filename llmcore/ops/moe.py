@@ -99,7 +99,10 @@ def moe_route(router_logits, top_k, score="softmax", renormalize=True, bias=None
 def moe_dispatch(x, topk_ids, num_experts):
     """Permute token rows into expert-contiguous order (stable counting sort).
     Returns (x_permuted (T*k, H), tokens_per_expert (E,) int32, offsets (E+1,) int32,
-    row_map (T, k) int32). Differentiable in x (backward: dx[t] = sum_s dx_perm[row_map[t, s]])."""
+    row_map (T, k) int32). Differentiable in x (backward: dx[t] = sum_s dx_perm[row_map[t, s]]).
+    topk_ids: int32 or int64, values in [0, num_experts). Out-of-range ids raise on CPU; on CUDA
+    (no host sync to check them) they are dropped: their row_map entry is -1, offsets[E] < T*k,
+    and moe_combine treats those slots as zero."""
     if use_reference():
         return moe_dispatch_reference(x, topk_ids, num_experts)
     return ops.moe_dispatch_fwd(x, topk_ids, num_experts)

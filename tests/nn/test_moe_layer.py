@@ -160,6 +160,8 @@ def test_bias_balance_moves_load_toward_balance():
     assert start > 2.5 and end < 1.5, f"max/mean load {start:.2f} -> {end:.2f}"
     assert m.expert_bias[:2].max() < 0 < m.expert_bias[2:].max()
     assert "expert_bias" in m.state_dict() and "expert_load" not in m.state_dict()
+    assert m.to(torch.bfloat16).expert_bias.dtype == torch.float32, "the selection bias stays fp32"
+    assert m.gate.weight.dtype == torch.bfloat16
 
 
 def test_token_major_input_and_empty():

@@ -37,7 +37,7 @@ void check_experts_on_device(const at::Tensor& t, int64_t experts, const char* w
 
 [[noreturn]] void no_cuda(const at::Tensor& t) {
   LLMCORE_CHECK(false, "moe: llmcore was built without CUDA support, got a tensor on ", t.device());
-  throw;  // unreachable
+  throw;  // unreachable: LLMCORE_CHECK(false, ...) has thrown
 }
 
 // ---------------------------------------------------------------- route

@@ -297,6 +297,7 @@ __global__ void __launch_bounds__(kRowThreads) moe_dispatch_rows_kernel(MoeRowsP
   const int32_t* rm = p.row_map + t * p.k;
   for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {
     const U v = src[i];
+#pragma unroll 4
     for (int64_t s = 0; s < p.k; ++s) {
       const int64_t r = rm[s];
       if (r >= 0) dst[r * units + i] = v;
@@ -317,6 +318,7 @@ __global__ void __launch_bounds__(kRowThreads) moe_combine_rows_kernel(MoeRowsPa
     float acc[VEC];
 #pragma unroll
     for (int q = 0; q < VEC; ++q) acc[q] = 0.f;
+#pragma unroll 4  // several independent row loads in flight (k is 1..8 in practice)
     for (int64_t s = 0; s < k; ++s) {
       const int64_t r = rm[s];
       if (r < 0) continue;
