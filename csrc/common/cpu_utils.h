@@ -15,9 +15,13 @@
 #include "common/dtype.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLMCORE_NO_MULTIVERSION)
+// The clones are named by ISA level (x86-64-v3 = AVX2+FMA, x86-64-v4 = AVX-512 F/BW/CD/DQ/VL), not by
+// CPU model: GCC's resolver tests "arch=<model>" clones with __builtin_cpu_is(<model>), so
+// "arch=haswell" / "arch=skylake-avx512" were never picked on other CPUs (AMD EPYC, newer Intel)
+// and every kernel ran its SSE2 default clone there.
 #define LLMCORE_CPU_MULTIVERSION \
-  __attribute__((target_clones("default", "arch=haswell", "arch=skylake-avx512")))
-#define LLMCORE_CPU_ISA_VARIANTS "x86-64,haswell(avx2+fma),skylake-avx512"
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define LLMCORE_CPU_ISA_VARIANTS "x86-64,x86-64-v3(avx2+fma),x86-64-v4(avx512)"
 #else
 #define LLMCORE_CPU_MULTIVERSION
 #define LLMCORE_CPU_ISA_VARIANTS "native-default"

@@ -6,6 +6,11 @@
 // the whole loop runs in AVX2 / AVX-512 lanes in the matching ISA clone.
 // Numerics: fp32 math (fp64 for float64), sig = 1 / (1 + e^-g), silu = g * sig; backward uses
 // PyTorch's silu_backward expression so inf/NaN come out where PyTorch's do.
+// exp_f32's clamps and edge selects are float comparisons; under the default -ftrapping-math GCC
+// will not if-convert them (a comparison may raise an FP exception), which leaves the loops scalar.
+// No llmcore code unmasks FP exceptions, so this file drops the assumption.
+#pragma GCC optimize("no-trapping-math")
+
 #include "swiglu/swiglu.h"
 
 #include "common/cpu_math.h"
