@@ -326,3 +326,21 @@ def test_rope_reference_backend_switch():
             assert torch.equal(a, b)
     finally:
         lo.set_backend("llmcore")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rope_16bit_conversions_exact(dtype):
+    """Every 16-bit value goes through the CPU kernel's widen/narrow exactly: with sin = 0 the fp32
+    math is exact up to one product, so the output must equal the fp32 reference rounded by PyTorch
+    bit for bit — subnormals, overflow to inf, signed zeros and NaN (inf * sin 0) included."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)  # all 65536 bit patterns
+    D = 64
+    S = x.numel() // D
+    q = x.reshape(1, S, 1, D)
+    cos = torch.rand(S, D // 2, generator=torch.Generator().manual_seed(0)) * 4
+    cos[0] = 1.0  # identity row: a pure widen -> narrow round trip
+    sin = torch.zeros_like(cos)
+    qo, _ = lo.rope(q, q[:, :, :0], cos, sin)
+    expect, _ = lo.rope_reference(q, q[:, :, :0], cos, sin)
+    same = (qo.view(torch.int16) == expect.view(torch.int16)) | (torch.isnan(qo) & torch.isnan(expect))
+    assert bool(same.all()), f"{int((~same).sum())} values differ"
