@@ -144,15 +144,46 @@ def test_rope_inplace_errors():
         lo.rope_(torch.randn(1, 1, 2, 16).expand(3, 4, 2, 16), torch.randn(3, 4, 1, 16), cos, sin)
 
 
+def _rotate_half_verbatim(x):
+    """HF transformers' rotate_half (modeling_llama.py), verbatim: the fallback when transformers
+    cannot be imported."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rotary_pos_emb_verbatim(q, k, cos, sin, unsqueeze_dim=1):
+    """HF transformers' apply_rotary_pos_emb (modeling_llama.py), verbatim."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (_rotate_half_verbatim(q) * sin)
+    k_embed = (k * cos) + (_rotate_half_verbatim(k) * sin)
+    return q_embed, k_embed
+
+
+def _hf_rope_parts(Hq, Hk, D, theta, max_pos):
+    """(rotary(x, position_ids) -> (cos, sin) of shape (B, S, D) in x's dtype, apply_rotary_pos_emb):
+    HF's own LlamaRotaryEmbedding when transformers imports, else HF's default-rope formula."""
+    try:
+        import transformers
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    except Exception:
+        def rotary(x, position_ids):
+            inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(dtype=torch.float) / D))
+            freqs = (inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1) @ position_ids[:, None, :].float())
+            emb = torch.cat((freqs.transpose(1, 2), freqs.transpose(1, 2)), dim=-1)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        return rotary, _apply_rotary_pos_emb_verbatim
+    config = transformers.LlamaConfig(hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hk,
+                                      head_dim=D, max_position_embeddings=max_pos, rope_theta=theta)
+    return LlamaRotaryEmbedding(config), apply_rotary_pos_emb
+
+
 def test_hf_apply_rotary_pos_emb_equality():
     """The rotate-half layout equals HF transformers' Llama rotary embedding + apply_rotary_pos_emb."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
-
     B, S, Hq, Hk, D, theta = 2, 37, 8, 2, 64, 1e6
-    config = transformers.LlamaConfig(hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hk,
-                                      head_dim=D, max_position_embeddings=128, rope_theta=theta)
-    rotary = LlamaRotaryEmbedding(config)
+    rotary, apply_rotary_pos_emb = _hf_rope_parts(Hq, Hk, D, theta, 128)
     position_ids = torch.stack([torch.arange(S), torch.arange(S) + 50])  # (B, S)
     cos_ours, sin_ours = lo.rope_cache(128, D, theta=theta)
     for dtype in (torch.float32, torch.bfloat16):
@@ -171,6 +202,17 @@ def test_hf_apply_rotary_pos_emb_equality():
         else:  # HF computes in bf16: it is the low-precision baseline of the tolerance rule
             assert_close(qo, qr, q_hf, name="q vs HF")
             assert_close(ko, kr, k_hf, name="k vs HF")
+
+
+def test_hf_fallback_formula_matches_transformers():
+    """The verbatim fallback above is HF's formula: checked against transformers when it imports."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 1, 5, 16)
+    cos, sin = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    for a, b in zip(apply_rotary_pos_emb(q, k, cos, sin), _apply_rotary_pos_emb_verbatim(q, k, cos, sin)):
+        assert torch.equal(a, b)
 
 
 def test_rope_cache_values_and_yarn():
