@@ -13,11 +13,12 @@ TORCH_LIBRARY(llmcore, m) {
 
   // ---- rope ----
   // (q_out, k_out) = rotate pairs of q, k by angle(pos): y1 = x1*cos - x2*sin, y2 = x2*cos + x1*sin
-  m.def("rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, int position_offset, bool interleaved) -> (Tensor q_out, Tensor k_out)");
+  // (position_offset is a SymInt so a compiled decode step does not recompile for every offset)
+  m.def("rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> (Tensor q_out, Tensor k_out)");
   // (dq, dk) = inverse rotation (sin -> -sin) of (dq_out, dk_out)
-  m.def("rope_bwd(Tensor dq_out, Tensor dk_out, Tensor cos, Tensor sin, Tensor? positions, int position_offset, bool interleaved) -> (Tensor dq, Tensor dk)");
+  m.def("rope_bwd(Tensor dq_out, Tensor dk_out, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> (Tensor dq, Tensor dk)");
   // in place: q, k <- rope_fwd(q, k, ...) (inference; no autograd)
-  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions, int position_offset, bool interleaved) -> ()");
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> ()");
 
 
   // ---- swiglu ----
