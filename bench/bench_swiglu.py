@@ -74,4 +74,4 @@ def test_swiglu(benchmark, device, provider, shape, dtype, mode):
             torch.autograd.grad(fn(*inputs), inputs, dy)
         nbytes = 8 * M * N * es
     measure(benchmark, run, op="swiglu", provider=provider, mode=mode, shape=shape, dtype=dtype, device=device,
-            nbytes=nbytes)
+            nbytes=nbytes, rounds=None if device == "cuda" else 20)  # 20: the CPU box is shared and noisy
