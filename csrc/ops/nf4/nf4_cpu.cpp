@@ -208,18 +208,10 @@ LLMCORE_INLINE void dequant_blocks(const Nf4DequantParams& p, int64_t b0, int64_
   }
 }
 
-// ISA clones picked by CPU *features*. (LLMCORE_CPU_MULTIVERSION's "arch=haswell" /
-// "arch=skylake-avx512" clones are dispatched by CPU *model* (__builtin_cpu_is), so on AMD EPYC —
-// this project's CI machines — the baseline x86-64 clone runs: 30x slower here. Reported to the lead.)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLMCORE_NO_MULTIVERSION)
-#define LLMCORE_NF4_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define LLMCORE_NF4_CLONES
-#endif
 
 }  // namespace
 
-LLMCORE_NF4_CLONES
+LLMCORE_CPU_MULTIVERSION
 void nf4_quantize_cpu(const Nf4QuantizeParams& p, int64_t block_begin, int64_t block_end) {
   switch (p.dtype) {  // float64 is not a weight dtype here (bitsandbytes takes fp32/fp16/bf16)
     case DType::Float32: quantize_blocks<float>(p, block_begin, block_end); break;
@@ -262,7 +254,7 @@ void nf4_double_quant_cpu(const Nf4DoubleQuantParams& p, int64_t block2_begin, i
   }
 }
 
-LLMCORE_NF4_CLONES
+LLMCORE_CPU_MULTIVERSION
 void nf4_dequantize_cpu(const Nf4DequantParams& p, int64_t block_begin, int64_t block_end) {
   switch (p.out_dtype) {
     case DType::Float32: dequant_blocks<float>(p, block_begin, block_end); break;
