@@ -29,6 +29,15 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector-extension helpers are always inlined: no ABI crosses
 
+// ISA clones selected by ISA level (cpuid features). common/cpu_utils.h's LLMCORE_CPU_MULTIVERSION
+// uses "arch=haswell" / "arch=skylake-avx512", whose GCC resolver tests the CPU *model* (Intel
+// only): on AMD (this dev machine: EPYC with AVX-512) it silently runs the baseline SSE2 clone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLMCORE_NO_MULTIVERSION)
+#define FLASH_CPU_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FLASH_CPU_MULTIVERSION
+#endif
+
 namespace llmcore {
 namespace {
 
@@ -155,6 +164,22 @@ LLMCORE_INLINE float exp2_row(float* s, float m) {
   for (int x = 0; x < 16; ++x) r += sum[x];
   return r;
 }
+LLMCORE_INLINE float max_row(const float* s) {
+  v16f m = vload(s);
+#pragma GCC unroll 4
+  for (int x = 1; x < BK / 16; ++x) {
+    const v16f v = vload(s + 16 * x);
+    m = v > m ? v : m;
+  }
+  float r = m[0];
+  for (int x = 1; x < 16; ++x) r = m[x] > r ? m[x] : r;
+  return r;
+}
+LLMCORE_INLINE double max_row(const double* s) {
+  double r = s[0];
+  for (int j = 1; j < BK; ++j) r = s[j] > r ? s[j] : r;
+  return r;
+}
 LLMCORE_INLINE double exp2_row(double* s, double m) {
   double r = 0;
   for (int j = 0; j < BK; ++j) {
@@ -273,8 +298,7 @@ LLMCORE_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t e
         A* si = S + i * BK;
         const int64_t lim = diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n;  // visible: jj < lim
         for (int jj = static_cast<int>(std::max<int64_t>(lim, 0)); jj < BK; ++jj) si[jj] = ninf;
-        A mx = ninf;
-        for (int jj = 0; jj < BK; ++jj) mx = std::max(mx, si[jj]);
+        const A mx = max_row(si);
         const A mnew = std::max(mrow[i], mx);
         if (mnew == ninf) {  // nothing visible yet in this row: P = 0
           std::fill(si, si + BK, A(0));
@@ -424,7 +448,7 @@ int64_t flash_attn_fwd_cpu_num_items(const FlashAttnParams& p) {
   return p.batch * p.heads_q * ((p.seqlen_q + BQ - 1) / BQ);
 }
 
-LLMCORE_CPU_MULTIVERSION
+FLASH_CPU_MULTIVERSION
 void flash_attn_fwd_cpu(const FlashAttnParams& p, int64_t item_begin, int64_t item_end) {
   LLMCORE_CPU_DISPATCH(p.dtype, fwd_range, (p, item_begin, item_end))
 }
@@ -436,12 +460,12 @@ int64_t flash_attn_bwd_cpu_num_splits(const FlashAttnParams& p) {
   return std::max<int64_t>(1, std::min<int64_t>(want, nkb));
 }
 
-LLMCORE_CPU_MULTIVERSION
+FLASH_CPU_MULTIVERSION
 void flash_attn_bwd_cpu(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin, int64_t item_end) {
   LLMCORE_CPU_DISPATCH(p.dtype, bwd_range, (p, num_splits, item_begin, item_end))
 }
 
-LLMCORE_CPU_MULTIVERSION
+FLASH_CPU_MULTIVERSION
 void flash_attn_bwd_cpu_reduce_dq(const FlashAttnParams& p, int64_t num_splits, int64_t row_begin, int64_t row_end) {
   LLMCORE_CPU_DISPATCH(p.dtype, reduce_dq, (p, num_splits, row_begin, row_end))
 }
