@@ -71,19 +71,16 @@ def flash_attn_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
                                 softmax_scale=None, return_lse=False):
     """fp32 reference of flash_attn_varlen: flash_attn_reference on each packed sequence."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs = []
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_acc(q), device=q.device)
-    out = q.new_zeros(q.shape)
-    pieces = []
+    outs, lses = [], []
     for b in range(len(cq) - 1):
         o, l = flash_attn_reference(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
                                     causal, softmax_scale, return_lse=True)
-        pieces.append((cq[b], cq[b + 1], o[0], l[0]))
-    if pieces:  # written out of place so autograd sees one differentiable graph
-        idx = torch.cat([torch.arange(a, e, device=q.device) for a, e, _, _ in pieces])
-        out = out.index_put((idx,), torch.cat([o for _, _, o, _ in pieces]))
-        lse = lse.index_put((slice(None), idx), torch.cat([l for _, _, _, l in pieces], dim=1)) if idx.numel() else lse
-    del outs
+        outs.append(o[0])
+        lses.append(l[0])
+    tail = q.shape[0] - (cq[-1] if cq else 0)  # rows after the last sequence: out 0, lse -inf
+    outs.append(q.new_zeros((tail,) + tuple(q.shape[1:])))
+    lses.append(torch.full((q.shape[1], tail), float("-inf"), dtype=_acc(q), device=q.device))
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
     return (out, lse) if return_lse else out
 
 
