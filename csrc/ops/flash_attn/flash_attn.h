@@ -62,6 +62,7 @@ struct KvAppendParams {
   const void* v_new;
   const int32_t* cache_seqlens;  // (B,)
   int64_t batch = 0, s_new = 0, heads_kv = 0, head_dim = 0;
+  int64_t cache_len = 0;  // S_max: rows at or past it are never written
   int64_t kc_batch_stride = 0, kc_row_stride = 0, kc_head_stride = 0;
   int64_t vc_batch_stride = 0, vc_row_stride = 0, vc_head_stride = 0;
   int64_t kn_batch_stride = 0, kn_row_stride = 0, kn_head_stride = 0;

@@ -350,6 +350,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(const at::Tensor& q_,
     a.cache_seqlens = cs.data_ptr<int32_t>();
     a.batch = B;
     a.s_new = s_new;
+    a.cache_len = Smax;
     a.heads_kv = Hkv;
     a.head_dim = D;
     a.kc_batch_stride = k_cache.stride(0);
