@@ -55,7 +55,8 @@ LLMCORE_INLINE v16f vload(const float* p) {
   return r;
 }
 LLMCORE_INLINE void vstore(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
-LLMCORE_INLINE v16f vbcast(float x) { return v16f{} + x; }
+// explicit broadcast: `v16f{} + x` is not an identity for x = -0, so it would cost a scalar add
+LLMCORE_INLINE v16f vbcast(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 // 2^x: round-to-nearest range reduction, x = k + f, f in [-0.5, 0.5], Taylor degree 7 of 2^f
 // (rel. error < 1e-8 before fp32 rounding); x < -126 (including -inf) gives 0; NaN stays NaN.
