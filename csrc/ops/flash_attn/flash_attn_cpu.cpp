@@ -55,7 +55,9 @@ LLMCORE_INLINE v16f vload(const float* p) {
   return r;
 }
 LLMCORE_INLINE void vstore(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
-// explicit broadcast: `v16f{} + x` is not an identity for x = -0, so it would cost a scalar add
+// explicit broadcast (`v16f{} + x` is not an identity for x = -0 and would cost a scalar add).
+// The GEMM tile multiplies scalar * vector directly: measured 4x faster under the AVX-512 clone
+// than a broadcast temporary (GCC then folds the load into an embedded {1to16} broadcast).
 LLMCORE_INLINE v16f vbcast(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 // 2^x: round-to-nearest range reduction, x = k + f, f in [-0.5, 0.5], Taylor degree 7 of 2^f
@@ -100,7 +102,7 @@ LLMCORE_INLINE void gemm_f32_cols(int M, int K, const float* a, int64_t asi, int
       for (int x = 0; x < NV; ++x) bv[x] = vload(b + kk * ldb + 16 * x);
 #pragma GCC unroll 4
       for (int rr = 0; rr < 4; ++rr) {
-        const v16f av = vbcast(ap[rr * asi + kk * ask]);
+        const float av = ap[rr * asi + kk * ask];
 #pragma GCC unroll 4
         for (int x = 0; x < NV; ++x) r[rr][x] += av * bv[x];
       }
@@ -115,7 +117,7 @@ LLMCORE_INLINE void gemm_f32_cols(int M, int K, const float* a, int64_t asi, int
 #pragma GCC unroll 4
     for (int x = 0; x < NV; ++x) r[x] = acc ? vload(c + i * ldc + 16 * x) : v16f{};
     for (int kk = 0; kk < K; ++kk) {
-      const v16f av = vbcast(a[i * asi + kk * ask]);
+      const float av = a[i * asi + kk * ask];
 #pragma GCC unroll 4
       for (int x = 0; x < NV; ++x) r[x] += av * vload(b + kk * ldb + 16 * x);
     }
