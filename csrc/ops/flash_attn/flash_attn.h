@@ -35,6 +35,7 @@ struct FlashAttnParams {
   void* dk;          // like k, contiguous (B, Sk, Hkv, D) / (total_k, Hkv, D)
   void* dv;          // like v, contiguous
   void* dq_accum;    // accumulation-type scratch for dQ (see the CPU / CUDA launchers for the size)
+  const void* kv_tiles = nullptr;  // CPU forward: K^T / V key blocks pre-converted to the acc type
 
   int64_t batch = 0;      // number of sequences
   int64_t seqlen_q = 0;   // Sq (max_seqlen_q for varlen)
@@ -77,6 +78,13 @@ constexpr int64_t kFlashCpuBlockQ = 64;
 constexpr int64_t kFlashCpuBlockK = 64;
 constexpr int64_t kFlashCpuMaxHeadDim = 256;
 int64_t flash_attn_fwd_cpu_num_items(const FlashAttnParams& p);
+// Optional pre-pass (worth it when several query blocks read the same kv head): every key block
+// of every (b, kv head) converted once to an accumulation-type K^T tile [Dp][64] and V tile
+// [64][Dp] (Dp = D rounded up to 16), tile t = (b * Hkv + kv head) * ceil(seqlen_k / 64) + block,
+// stored as pairs in p.kv_tiles (flash_attn_cpu_kv_tiles_elems elements); items = tiles.
+int64_t flash_attn_cpu_num_kv_tiles(const FlashAttnParams& p);
+int64_t flash_attn_cpu_kv_tiles_elems(const FlashAttnParams& p);
+void flash_attn_pack_kv_cpu(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end);
 void flash_attn_fwd_cpu(const FlashAttnParams& p, int64_t item_begin, int64_t item_end);
 // Backward: work item = (b, kv head, key split); every item owns its dK/dV rows (no atomics) and
 // adds its dQ contribution into its own slice of dq_accum (num_splits, total_q, Hq, D) in the

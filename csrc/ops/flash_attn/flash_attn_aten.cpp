@@ -78,14 +78,23 @@ void set_strides(FlashAttnParams& p, const at::Tensor& q, const at::Tensor& k, c
   throw;  // unreachable
 }
 
-void run_fwd(const FlashAttnParams& p, const at::Tensor& q) {
+void run_fwd(const FlashAttnParams& p_in, const at::Tensor& q) {
   if (q.is_cpu()) {
+    FlashAttnParams p = p_in;
     const int64_t items = flash_attn_fwd_cpu_num_items(p);
+    // Convert K / V to fp32 tiles once when more than one query block reads each kv head.
+    at::Tensor tiles;
+    if (items >= 2 * p.batch * p.heads_kv) {
+      tiles = at::empty({flash_attn_cpu_kv_tiles_elems(p)}, q.options().dtype(acc_dtype(q)));
+      at::parallel_for(0, flash_attn_cpu_num_kv_tiles(p), 1,
+                       [&](int64_t b, int64_t e) { flash_attn_pack_kv_cpu(p, tiles.data_ptr(), b, e); });
+      p.kv_tiles = tiles.data_ptr();
+    }
     at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { flash_attn_fwd_cpu(p, b, e); });
     return;
   }
 #ifdef LLMCORE_WITH_CUDA
-  LLMCORE_CUDA_CHECK(flash_attn_fwd_cuda(p, at::cuda::getCurrentCUDAStream()), "flash_attn_fwd_cuda");
+  LLMCORE_CUDA_CHECK(flash_attn_fwd_cuda(p_in, at::cuda::getCurrentCUDAStream()), "flash_attn_fwd_cuda");
 #else
   no_cuda(q);
 #endif

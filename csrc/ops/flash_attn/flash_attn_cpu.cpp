@@ -4,7 +4,8 @@
 // Forward, one work item = (sequence b, q head h, block of BQ = 64 queries):
 //   Q block -> fp32 buffer pre-scaled by scale * log2(e) (so softmax runs in base 2 with exp2);
 //   for each block of BK = 64 keys up to the last key any row of the block may see (causal
-//   blocks above the diagonal are skipped, not masked): K^T and V blocks -> fp32 buffers,
+//   blocks above the diagonal are skipped, not masked): K^T and V blocks -> fp32 buffers (or,
+//   when several query blocks share a kv head, fp32 tiles converted once by flash_attn_pack_kv_cpu),
 //   S = Q K^T, mask the diagonal block / the sequence tail, online softmax per row
 //   (running max m, running sum l, O *= exp2(m_old - m_new)), O += P V.  out = O / l,
 //   lse = (m + log2 l) * ln 2.  A row with no visible key: out = 0, lse = -inf.
@@ -278,6 +279,8 @@ LLMCORE_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t e
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
   A* lse = static_cast<A*>(p.lse);
+  const A* tiles = static_cast<const A*>(p.kv_tiles);
+  const int64_t nkb = (p.seqlen_k + BK - 1) / BK;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % nqb, h = (item / nqb) % Hq, b = item / nqb / Hq;
     const Seq s = seq_of(p, b);
@@ -293,9 +296,16 @@ LLMCORE_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t e
     std::fill(lrow, lrow + m, A(0));
     for (int64_t j0 = 0; j0 < kend; j0 += BK) {
       const int n = static_cast<int>(std::min<int64_t>(BK, kend - j0));
-      load_cols(Kt, Dp, k + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride, n, D);
-      load_rows(Vs, Dp, v + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, n, n, D, A(1));
-      gemm(m, BK, static_cast<int>(D), Qs, Dp, 1, Kt, BK, S, BK, false);
+      const A* KtB = Kt;
+      const A* VB = Vs;
+      if (tiles) {
+        KtB = tiles + ((b * p.heads_kv + hk) * nkb + j0 / BK) * 2 * Dp * BK;
+        VB = KtB + Dp * BK;
+      } else {
+        load_cols(Kt, Dp, k + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride, n, D);
+        load_rows(Vs, Dp, v + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, n, n, D, A(1));
+      }
+      gemm(m, BK, static_cast<int>(D), Qs, Dp, 1, KtB, BK, S, BK, false);
       const bool diag = p.causal && j0 + BK - 1 > i0 + off;
       for (int i = 0; i < m; ++i) {
         A* si = S + i * BK;
@@ -316,7 +326,7 @@ LLMCORE_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t e
           for (int64_t c = 0; c < Dp; ++c) oi[c] *= alpha;
         }
       }
-      gemm(m, static_cast<int>(Dp), n, S, BK, 1, Vs, Dp, O, Dp, true);
+      gemm(m, static_cast<int>(Dp), n, S, BK, 1, VB, Dp, O, Dp, true);
     }
     for (int i = 0; i < m; ++i) {
       T* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
@@ -331,6 +341,25 @@ LLMCORE_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t e
         lse[li] = (mrow[i] + std::log2(lrow[i])) * A(kLn2);
       }
     }
+  }
+}
+
+template <typename T>
+LLMCORE_INLINE void pack_kv(const FlashAttnParams& p, void* tiles_v, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  const int64_t D = p.head_dim, Dp = round16(D), nkb = (p.seqlen_k + BK - 1) / BK;
+  A* tiles = static_cast<A*>(tiles_v);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t kb = t % nkb, hk = (t / nkb) % p.heads_kv, b = t / nkb / p.heads_kv;
+    const Seq s = seq_of(p, b);
+    const int64_t j0 = kb * BK;
+    if (j0 >= s.sk) continue;
+    const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+    A* kt = tiles + t * 2 * Dp * BK;
+    load_cols(kt, Dp, static_cast<const T*>(p.k) + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride,
+              p.k_row_stride, n, D);
+    load_rows(kt + Dp * BK, Dp, static_cast<const T*>(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride,
+              p.v_row_stride, n, BK, D, A(1));
   }
 }
 
@@ -454,6 +483,19 @@ int64_t flash_attn_fwd_cpu_num_items(const FlashAttnParams& p) {
 FLASH_CPU_MULTIVERSION
 void flash_attn_fwd_cpu(const FlashAttnParams& p, int64_t item_begin, int64_t item_end) {
   LLMCORE_CPU_DISPATCH(p.dtype, fwd_range, (p, item_begin, item_end))
+}
+
+int64_t flash_attn_cpu_num_kv_tiles(const FlashAttnParams& p) {
+  return p.batch * p.heads_kv * ((p.seqlen_k + BK - 1) / BK);
+}
+
+int64_t flash_attn_cpu_kv_tiles_elems(const FlashAttnParams& p) {
+  return flash_attn_cpu_num_kv_tiles(p) * 2 * round16(p.head_dim) * BK;
+}
+
+FLASH_CPU_MULTIVERSION
+void flash_attn_pack_kv_cpu(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end) {
+  LLMCORE_CPU_DISPATCH(p.dtype, pack_kv, (p, tiles, tile_begin, tile_end))
 }
 
 int64_t flash_attn_bwd_cpu_num_splits(const FlashAttnParams& p) {
