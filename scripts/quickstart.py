@@ -52,6 +52,7 @@ def main(argv=None):
     out = Path(a.out)
     times = {}
     t_all = t = time.perf_counter()
+    cpu0 = time.process_time()
     print("== 1/4 data: default corpus, BPE tokenizer, token shards")
     data = prepare_default_data(out / "data", seed=0, size="small", progress=False)
     tok = data["tokenizer"]
@@ -99,7 +100,9 @@ def main(argv=None):
     accuracy_report("untrained", acc0, rows0, records)
     accuracy_report("after SFT", acc1, rows1, records)
     times["total"] = time.perf_counter() - t_all
-    print("== time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    cpu = time.process_time() - cpu0
+    print("== time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+          + f"  (process CPU time {cpu:.0f}s on {torch.get_num_threads()} threads)")
     print(f"chat with it: python scripts/chat.py --ckpt {out / 'sft'}")
     return {"acc_untrained": acc0, "acc_sft": acc1, "times": times}
 
