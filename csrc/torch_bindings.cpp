@@ -12,9 +12,24 @@ TORCH_LIBRARY(llmcore, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? dextra) -> (Tensor dx, Tensor dweight)");
 
   // ---- rope ----
+  // (q_out, k_out) = rotate pairs of q, k by angle(pos): y1 = x1*cos - x2*sin, y2 = x2*cos + x1*sin
+  // (position_offset is a SymInt so a compiled decode step does not recompile for every offset)
+  m.def("rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> (Tensor q_out, Tensor k_out)");
+  // (dq, dk) = inverse rotation (sin -> -sin) of (dq_out, dk_out)
+  m.def("rope_bwd(Tensor dq_out, Tensor dk_out, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> (Tensor dq, Tensor dk)");
+  // in place: q, k <- rope_fwd(q, k, ...) (inference; no autograd)
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> ()");
 
 
   // ---- swiglu ----
+  // y = silu(gate) * up = gate * sigmoid(gate) * up
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor y");
+  // dgate = dy * up * sig(gate) * (1 + gate * (1 - sig(gate))); dup = dy * silu(gate)   (silu recomputed)
+  m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  // gate_up = [gate | up] along the last dim (2F): y = silu(gate_up[..., :F]) * gate_up[..., F:]
+  m.def("swiglu_packed_fwd(Tensor gate_up) -> Tensor y");
+  // dgate_up = [dgate | dup] written into one (..., 2F) tensor
+  m.def("swiglu_packed_bwd(Tensor dy, Tensor gate_up) -> Tensor dgate_up");
 
 
   // ---- flash_attn ----

@@ -15,9 +15,13 @@
 #include "common/dtype.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLMCORE_NO_MULTIVERSION)
+// The clones are named by ISA level (x86-64-v3 = AVX2+FMA, x86-64-v4 = AVX-512 F/BW/CD/DQ/VL), not by
+// CPU model: GCC's resolver tests "arch=<model>" clones with __builtin_cpu_is(<model>), so
+// "arch=haswell" / "arch=skylake-avx512" were never picked on other CPUs (AMD EPYC, newer Intel)
+// and every kernel ran its SSE2 default clone there.
 #define LLMCORE_CPU_MULTIVERSION \
-  __attribute__((target_clones("default", "arch=haswell", "arch=skylake-avx512")))
-#define LLMCORE_CPU_ISA_VARIANTS "x86-64,haswell(avx2+fma),skylake-avx512"
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define LLMCORE_CPU_ISA_VARIANTS "x86-64,x86-64-v3(avx2+fma),x86-64-v4(avx512)"
 #else
 #define LLMCORE_CPU_MULTIVERSION
 #define LLMCORE_CPU_ISA_VARIANTS "native-default"
@@ -45,10 +49,25 @@ LLMCORE_INLINE float widen(bf16_t v) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+// fp16 <-> fp32 in integer and fp32 arithmetic (exact, round to nearest even, branch-free; after
+// Maratyszcza's FP16 library) rather than _Float16 casts, which GCC lowers to a libcall per element
+// (no vectorization) on every ISA below AVX512-FP16.
+LLMCORE_INLINE float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+LLMCORE_INLINE uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 LLMCORE_INLINE float widen(fp16_t v) {
-  _Float16 h;
-  std::memcpy(&h, &v.bits, 2);
-  return static_cast<float>(h);
+  const uint32_t w = static_cast<uint32_t>(v.bits) << 16;
+  const uint32_t sign = w & 0x80000000u, two_w = w + w;
+  const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  return f32_from_bits(sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized)));
 }
 
 template <typename T> LLMCORE_INLINE T narrow(float v);
@@ -64,10 +83,14 @@ template <> LLMCORE_INLINE bf16_t narrow<bf16_t>(float v) {
   return bf16_t{static_cast<uint16_t>(u >> 16)};
 }
 template <> LLMCORE_INLINE fp16_t narrow<fp16_t>(float v) {
-  _Float16 h = static_cast<_Float16>(v);
-  fp16_t r;
-  std::memcpy(&r.bits, &h, 2);
-  return r;
+  const uint32_t w = f32_to_bits(v), shl1_w = w + w, sign = w & 0x80000000u;
+  float base = (f32_from_bits(f32_to_bits(v) & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+  return fp16_t{static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
 }
 
 // Calls FN<T> ARGS (or FN<T, W> ARGS) for a DType tag, as a plain switch rather than a lambda so

@@ -6,3 +6,5 @@ baseline. The C++/CUDA side of op <op> is in csrc/ops/<op>/.
 """
 from llmcore.ops._lib import get_backend, set_backend  # noqa: F401  (loads the extension)
 from llmcore.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference  # noqa: F401
+from llmcore.ops.rope import rope, rope_, rope_cache, rope_reference  # noqa: F401
+from llmcore.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference  # noqa: F401

@@ -1,0 +1,88 @@
+// swiglu_cpu.cpp — CPU kernels for swiglu / swiglu_packed (math in swiglu.h).
+//
+// The ATen layer splits the flat (rows, n) element range with at::parallel_for (contiguous inputs
+// arrive as a single row, so the split is over elements, not rows). Each row segment is one
+// `omp simd` loop; exp is common/cpu_math.h's exp_f32, which vectorizes (std::exp would not), so
+// the whole loop runs in AVX2 / AVX-512 lanes in the matching ISA clone.
+// Numerics: fp32 math (fp64 for float64), sig = 1 / (1 + e^-g), silu = g * sig; backward uses
+// PyTorch's silu_backward expression so inf/NaN come out where PyTorch's do.
+// exp_f32's clamps and edge selects are float comparisons; under the default -ftrapping-math GCC
+// will not if-convert them (a comparison may raise an FP exception), which leaves the loops scalar.
+// No llmcore code unmasks FP exceptions, so this file drops the assumption.
+#pragma GCC optimize("no-trapping-math")
+
+#include "swiglu/swiglu.h"
+
+#include "common/cpu_math.h"
+#include "common/cpu_utils.h"
+
+namespace llmcore {
+namespace {
+
+template <typename T>
+LLMCORE_INLINE void fwd_segment(const T* g, const T* u, T* y, int64_t len) {
+  using A = acc_t<T>;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A gv = widen(g[i]);
+    const A sig = A(1) / (A(1) + exp_f32(-gv));
+    y[i] = narrow<T>(gv * sig * A(widen(u[i])));
+  }
+}
+
+template <typename T>
+LLMCORE_INLINE void bwd_segment(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t len) {
+  using A = acc_t<T>;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A gv = widen(g[i]), uv = widen(u[i]), d = widen(dy[i]);
+    const A sig = A(1) / (A(1) + exp_f32(-gv));
+    dg[i] = narrow<T>(d * uv * sig * (A(1) + gv * (A(1) - sig)));
+    du[i] = narrow<T>(d * (gv * sig));
+  }
+}
+
+// Flat elements [begin, end) of the (rows, n) space, walked as row segments. Plain loops, no
+// lambdas, so everything inlines into each ISA clone of the entry points below.
+template <typename T>
+LLMCORE_INLINE void fwd_range(const SwigluParams& p, int64_t begin, int64_t end) {
+  const T* g = static_cast<const T*>(p.gate);
+  const T* u = static_cast<const T*>(p.up);
+  T* y = static_cast<T*>(p.y);
+  for (int64_t i = begin; i < end;) {
+    const int64_t r = i / p.n, c = i - r * p.n;
+    const int64_t len = (p.n - c) < (end - i) ? (p.n - c) : (end - i);
+    fwd_segment<T>(g + r * p.gate_rs + c, u + r * p.up_rs + c, y + r * p.n + c, len);
+    i += len;
+  }
+}
+
+template <typename T>
+LLMCORE_INLINE void bwd_range(const SwigluParams& p, int64_t begin, int64_t end) {
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* g = static_cast<const T*>(p.gate);
+  const T* u = static_cast<const T*>(p.up);
+  T* dg = static_cast<T*>(p.dgate);
+  T* du = static_cast<T*>(p.dup);
+  for (int64_t i = begin; i < end;) {
+    const int64_t r = i / p.n, c = i - r * p.n;
+    const int64_t len = (p.n - c) < (end - i) ? (p.n - c) : (end - i);
+    bwd_segment<T>(dy + r * p.n + c, g + r * p.gate_rs + c, u + r * p.up_rs + c, dg + r * p.dgate_rs + c,
+                   du + r * p.dup_rs + c, len);
+    i += len;
+  }
+}
+
+}  // namespace
+
+LLMCORE_CPU_MULTIVERSION
+void swiglu_fwd_cpu(const SwigluParams& p, int64_t begin, int64_t end) {
+  LLMCORE_CPU_DISPATCH(p.dtype, fwd_range, (p, begin, end))
+}
+
+LLMCORE_CPU_MULTIVERSION
+void swiglu_bwd_cpu(const SwigluParams& p, int64_t begin, int64_t end) {
+  LLMCORE_CPU_DISPATCH(p.dtype, bwd_range, (p, begin, end))
+}
+
+}  // namespace llmcore
