@@ -33,6 +33,16 @@ TORCH_LIBRARY(llmcore, m) {
 
 
   // ---- flash_attn ----
+  // out = softmax(scale * q k^T [causal, bottom-right]) v per q head (kv head = h / (Hq/Hkv)); lse = logsumexp (fp32, (B,Hq,Sq))
+  m.def("flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  // FA2 bwd from lse: dV = P^T dO, dS = P*(dO V^T - rowsum(dO*O)), dQ = scale dS K, dK = scale dS^T Q
+  m.def("flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // flash_attn_fwd per packed sequence [cu_seqlens[b], cu_seqlens[b+1]) of (total, H, D); lse (Hq, total_q)
+  m.def("flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  // flash_attn_bwd per packed sequence
+  m.def("flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // cache[b, cache_seqlens[b] + i] = new[b, i] (in place); out = attention of q over the first cache_seqlens[b] + S_new keys
+  m.def("flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
 
 
   // ---- moe ----

@@ -8,3 +8,6 @@ from llmcore.ops._lib import get_backend, set_backend  # noqa: F401  (loads the 
 from llmcore.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference  # noqa: F401
 from llmcore.ops.rope import rope, rope_, rope_cache, rope_reference  # noqa: F401
 from llmcore.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference  # noqa: F401
+from llmcore.ops.flash_attn import (  # noqa: F401
+    flash_attn, flash_attn_reference, flash_attn_varlen, flash_attn_varlen_reference, flash_attn_with_kvcache,
+    flash_attn_with_kvcache_reference)

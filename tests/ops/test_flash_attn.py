@@ -1,0 +1,407 @@
+"""flash_attn / flash_attn_varlen / flash_attn_with_kvcache against the fp32 references
+(tests/conftest.py's tolerance rule: fp32 tight; bf16/fp16 within 2x PyTorch's own low-precision
+error of the same math). The CUDA cases (DEVICES) run on a GPU machine (scripts/gpu_check.sh).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmcore.ops as lo
+from llmcore.ops.flash_attn import _attention_bhsd
+from tests.conftest import DEVICES, DTYPES, assert_close, make
+
+# (B, Sq, Sk, Hq, Hkv, D): Sq == Sk and Sq < Sk (bottom-right causal), Sq > Sk (fully masked
+# causal rows), GQA ratios 1/2/4/8, lengths 1, 17, 127, 128, 129, 1000 (not tile multiples).
+SHAPES = [
+    (1, 1, 1, 2, 1, 64),
+    (2, 17, 17, 4, 2, 64),
+    (1, 127, 127, 8, 1, 64),
+    (1, 128, 128, 2, 2, 128),
+    (1, 129, 129, 4, 1, 96),
+    (1, 1000, 1000, 2, 1, 64),
+    (2, 17, 129, 8, 2, 128),
+    (1, 1, 1000, 8, 8, 64),
+    (1, 40, 17, 2, 1, 64),
+]
+GRAD_ATOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def _skip_unsupported(device, dtype, d=64):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("CUDA kernels take float16 / bfloat16")
+    if device == "cuda" and d not in (64, 96, 128):
+        pytest.skip("CUDA head_dim is 64, 96 or 128")
+
+
+def _lowp(q, k, v, causal, scale=None):
+    """PyTorch computing the same math in the inputs' own dtype: the low-precision baseline."""
+    g = q.shape[2] // k.shape[2]
+    qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(g, 1), v.transpose(1, 2).repeat_interleave(g, 1)
+    out, _ = _attention_bhsd(qf, kf, vf, causal, scale or 1 / math.sqrt(q.shape[-1]))
+    return out.transpose(1, 2)
+
+
+def _inputs(shape, dtype, device, seed=0, grad=True):
+    B, Sq, Sk, Hq, Hkv, D = shape
+    return (make((B, Sq, Hq, D), dtype, device, seed=seed, requires_grad=grad),
+            make((B, Sk, Hkv, D), dtype, device, seed=seed + 1, requires_grad=grad),
+            make((B, Sk, Hkv, D), dtype, device, seed=seed + 2, requires_grad=grad))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_flash_attn_forward_backward(device, dtype, causal, shape):
+    _skip_unsupported(device, dtype, shape[-1])
+    q, k, v = _inputs(shape, dtype, device)
+    out, lse = lo.flash_attn(q, k, v, causal=causal, return_lse=True)
+    dout = make(out.shape, dtype, device, seed=7)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out_r, lse_r = lo.flash_attn_reference(qr, kr, vr, causal=causal, return_lse=True)
+    grads_r = torch.autograd.grad(out_r, (qr, kr, vr), dout.float())
+    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out_b = _lowp(qb, kb, vb, causal)
+    grads_b = torch.autograd.grad(out_b, (qb, kb, vb), dout)
+
+    assert out.dtype == dtype and out.is_contiguous() and lse.dtype == torch.float32
+    assert lse.shape == (shape[0], shape[3], shape[1])
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close(out, out_r, out_b, name="out")
+    assert_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-4, name="lse")
+    for g, gr, gb, nm in zip(grads, grads_r, grads_b, ("dq", "dk", "dv")):
+        assert g.dtype == dtype and not torch.isnan(g).any()
+        assert_close(g, gr, gb, name=nm, atol=GRAD_ATOL.get(dtype), rtol=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (8, 1)])
+def test_matches_sdpa_cpu(dtype, causal, hq, hkv):
+    B, S, D = 2, 77, 64
+    q, k, v = (make((B, h, S, D), dtype, "cpu", seed=i) for i, h in enumerate((hq, hkv, hkv)))
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    ours = lo.flash_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+    if dtype == torch.float32:
+        assert_close(ours, sdpa, name="out vs SDPA")
+    else:
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=True)
+        assert_close(ours, ref, sdpa, name="out vs SDPA (bf16 rule)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_rows_are_zero_not_nan(device):
+    """Rule: a query with no visible key (causal, Sq > Sk: queries i < Sq - Sk) gets out = 0,
+    lse = -inf and zero gradients; same in the reference."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = _inputs((1, 9, 4, 2, 1, 64), dtype, device)
+    out, lse = lo.flash_attn(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :5] == 0) and torch.all(lse[:, :, :5] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 5:]).all() and not torch.isnan(out).any()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert torch.all(dq[:, :5] == 0) and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    out_r, lse_r = lo.flash_attn_reference(q.float(), k.float(), v.float(), causal=True, return_lse=True)
+    assert torch.all(out_r[:, :5] == 0) and torch.all(lse_r[:, :, :5] == float("-inf"))
+    # Sk == 0: every row is fully masked, causal or not
+    q0, k0, v0 = _inputs((2, 3, 0, 2, 2, 64), dtype, device, grad=False)
+    for causal in (True, False):
+        o, l = lo.flash_attn(q0, k0, v0, causal=causal, return_lse=True)
+        assert torch.all(o == 0) and torch.all(l == float("-inf"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_scale_and_lse(device, dtype):
+    _skip_unsupported(device, dtype)
+    q, k, v = _inputs((2, 33, 50, 4, 2, 64), dtype, device, grad=False)
+    out, lse = lo.flash_attn(q, k, v, causal=True, softmax_scale=0.3, return_lse=True)
+    out_r, lse_r = lo.flash_attn_reference(q.float(), k.float(), v.float(), causal=True, softmax_scale=0.3,
+                                           return_lse=True)
+    assert_close(out, out_r, _lowp(q, k, v, True, 0.3), name="out")
+    assert_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-4, name="lse")
+
+
+def _varlen_case(lens_q, lens_k, hq, hkv, d, dtype, device, seed=0):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    q = make((sum(lens_q), hq, d), dtype, device, seed=seed, requires_grad=True)
+    k = make((sum(lens_k), hkv, d), dtype, device, seed=seed + 1, requires_grad=True)
+    v = make((sum(lens_k), hkv, d), dtype, device, seed=seed + 2, requires_grad=True)
+    return q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)
+
+
+VARLEN = [
+    ([1, 2, 3, 4, 5, 6, 7, 8], None),          # documents of lengths 1..N
+    ([1, 127, 128, 129, 17], None),
+    ([200, 1, 64, 65], None),
+    ([5, 0, 9], None),                          # an empty document
+    ([3, 17, 40], [10, 17, 100]),               # Sq <= Sk per sequence (bottom-right causal)
+    ([9, 4], [4, 9]),                           # Sq > Sk: fully masked causal rows
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens", VARLEN, ids=lambda x: str(x))
+def test_varlen_forward_backward(device, dtype, causal, lens):
+    _skip_unsupported(device, dtype)
+    lens_q, lens_k = lens[0], lens[1] or lens[0]
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case(lens_q, lens_k, 4, 2, 64, dtype, device)
+    out, lse = lo.flash_attn_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal, return_lse=True)
+    dout = make(out.shape, dtype, device, seed=9)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out_r, lse_r = lo.flash_attn_varlen_reference(qr, kr, vr, cu_q, cu_k, mq, mk, causal=causal, return_lse=True)
+    grads_r = torch.autograd.grad(out_r, (qr, kr, vr), dout.float())
+    assert lse.shape == (4, q.shape[0]) and not torch.isnan(out).any()
+    # the low-precision baseline: per-document PyTorch math in the input dtype
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    outs = [_lowp(qb[None, cq[i]:cq[i + 1]], kb[None, ck[i]:ck[i + 1]], vb[None, ck[i]:ck[i + 1]], causal)[0]
+            for i in range(len(cq) - 1)]
+    out_b = torch.cat(outs)
+    grads_b = torch.autograd.grad(out_b, (qb, kb, vb), dout)
+    assert_close(out, out_r, out_b, name="out")
+    assert_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-4, name="lse")
+    for g, gr, gb, nm in zip(grads, grads_r, grads_b, ("dq", "dk", "dv")):
+        assert_close(g, gr, gb, name=nm, atol=GRAD_ATOL.get(dtype), rtol=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_never_crosses_documents(device):
+    """Packing documents == running each on its own (bitwise on CPU: same tiles, same order)."""
+    dtype = torch.bfloat16
+    q, k, v, cu, _, m, _ = _varlen_case([7, 130, 1, 64], [7, 130, 1, 64], 4, 1, 64, dtype, device)
+    out = lo.flash_attn_varlen(q, k, v, cu, cu, m, m, causal=True)
+    c = cu.tolist()
+    for i in range(len(c) - 1):
+        sl = slice(c[i], c[i + 1])
+        alone = lo.flash_attn(q[None, sl], k[None, sl], v[None, sl], causal=True)[0]
+        if device == "cpu":
+            assert torch.equal(out[sl], alone)
+        else:
+            assert_close(out[sl], alone.float(), atol=1e-2, name=f"doc {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache_len", [0, 1, 17, 128, 1000, 4095])
+@pytest.mark.parametrize("s_new", [1, 3])
+def test_kvcache_decode(device, dtype, cache_len, s_new):
+    _skip_unsupported(device, dtype)
+    B, Smax, Hq, Hkv, D = 2, 4096 + 8, 8, 2, 64
+    k_cache = make((B, Smax, Hkv, D), dtype, device, seed=1)
+    v_cache = make((B, Smax, Hkv, D), dtype, device, seed=2)
+    lens = torch.tensor([cache_len, max(0, cache_len // 2 - 1)], dtype=torch.int32, device=device)
+    q = make((B, s_new, Hq, D), dtype, device, seed=3)
+    k_new, v_new = make((B, s_new, Hkv, D), dtype, device, seed=4), make((B, s_new, Hkv, D), dtype, device, seed=5)
+    kc_r, vc_r = k_cache.clone(), v_cache.clone()
+    out, lse = lo.flash_attn_with_kvcache(q, k_cache, v_cache, lens, k_new=k_new, v_new=v_new, causal=True,
+                                          return_lse=True)
+    out_r, lse_r = lo.flash_attn_with_kvcache_reference(q.float(), kc_r.float(), vc_r.float(), lens, k_new.float(),
+                                                        v_new.float(), causal=True, return_lse=True)
+    for b, n in enumerate(lens.tolist()):  # appended in place, nothing else touched
+        assert torch.equal(k_cache[b, n:n + s_new], k_new[b]) and torch.equal(v_cache[b, n:n + s_new], v_new[b])
+        assert torch.equal(k_cache[b, :n], kc_r[b, :n]) and torch.equal(k_cache[b, n + s_new:], kc_r[b, n + s_new:])
+    base = torch.cat([_lowp(q[b:b + 1], k_cache[b:b + 1, :n + s_new], v_cache[b:b + 1, :n + s_new], True)
+                      for b, n in enumerate(lens.tolist())])
+    assert_close(out, out_r, base, name="out")
+    assert_close(lse, lse_r, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-4, name="lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_without_append_and_empty_cache(device):
+    dtype = torch.bfloat16
+    B, Smax, H, D = 3, 300, 4, 128
+    kc, vc = make((B, Smax, H, D), dtype, device, seed=1), make((B, Smax, H, D), dtype, device, seed=2)
+    lens = torch.tensor([0, 1, 257], dtype=torch.int32, device=device)
+    q = make((B, 1, H, D), dtype, device, seed=3)
+    before = kc.clone()
+    out, lse = lo.flash_attn_with_kvcache(q, kc, vc, lens, return_lse=True)
+    assert torch.equal(kc, before)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf")), "empty cache: out 0, lse -inf"
+    out_r = lo.flash_attn_with_kvcache_reference(q.float(), kc.float(), vc.float(), lens)
+    assert_close(out, out_r, _lowp(q[2:], kc[2:, :257], vc[2:, :257], True).expand_as(out), atol=1e-2, name="out")
+
+
+def test_kvcache_errors():
+    kc, vc = torch.zeros(2, 8, 2, 64), torch.zeros(2, 8, 2, 64)
+    q, kn = torch.randn(2, 2, 4, 64), torch.randn(2, 2, 2, 64)
+    with pytest.raises(RuntimeError, match="does not fit in the cache"):
+        lo.flash_attn_with_kvcache(q, kc, vc, torch.tensor([7, 0], dtype=torch.int32), k_new=kn, v_new=kn)
+    with pytest.raises(RuntimeError, match="'cache_seqlens' must be int32"):
+        lo.flash_attn_with_kvcache(q, kc, vc, torch.tensor([1, 0]), k_new=kn, v_new=kn)
+    with pytest.raises(RuntimeError, match="'k_new' and 'v_new' must be given together"):
+        lo.flash_attn_with_kvcache(q, kc, vc, torch.tensor([1, 0], dtype=torch.int32), k_new=kn)
+    with pytest.raises(RuntimeError, match="'k_new' must have shape"):
+        lo.flash_attn_with_kvcache(q, kc, vc, torch.tensor([1, 0], dtype=torch.int32), k_new=kn[:, :, :1],
+                                   v_new=kn[:, :, :1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    """q/k/v as head slices of a fused qkv projection (B, S, (Hq + 2 Hkv) * D): read in place;
+    a non-unit stride in D is copied."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    B, S, Hq, Hkv, D = 2, 37, 4, 2, 64
+    qkv = make((B, S, (Hq + 2 * Hkv) * D), dtype, device).view(B, S, Hq + 2 * Hkv, D)
+    q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
+    ref = lo.flash_attn_reference(q.float(), k.float(), v.float())
+    out = lo.flash_attn(q, k, v)
+    assert_close(out, ref, _lowp(q, k, v, True), name="fused-qkv view")
+    qt = make((B, Hq, D, S), dtype, device).permute(0, 3, 1, 2)  # D stride != 1
+    assert_close(lo.flash_attn(qt, k, v), lo.flash_attn_reference(qt.float(), k.float(), v.float()),
+                 _lowp(qt, k, v, True), name="non-unit D stride")
+    # varlen on strided packed views
+    flat = qkv.reshape(B * S, Hq + 2 * Hkv, D)
+    cu = torch.tensor([0, 30, B * S], dtype=torch.int32, device=device)
+    o = lo.flash_attn_varlen(flat[:, :Hq], flat[:, Hq:Hq + Hkv], flat[:, Hq + Hkv:], cu, cu, B * S - 30, B * S - 30)
+    o_r = lo.flash_attn_varlen_reference(flat[:, :Hq].float(), flat[:, Hq:Hq + Hkv].float(), flat[:, Hq + Hkv:].float(),
+                                         cu, cu, B * S - 30, B * S - 30)
+    assert_close(o, o_r, atol=2e-2 if dtype != torch.float32 else None, name="varlen strided")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = _inputs((0, 5, 5, 2, 1, 64), dtype, device)
+    out = lo.flash_attn(q, k, v)
+    assert out.shape == q.shape
+    q, k, v = _inputs((2, 0, 5, 2, 1, 64), dtype, device)
+    out, lse = lo.flash_attn(q, k, v, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 2, 0)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
+    q, k, v, cu, _, _, _ = _varlen_case([1], [1], 2, 1, 64, dtype, device)
+    o = lo.flash_attn_varlen(q[:0], k[:0], v[:0], cu[:1] * 0, cu[:1] * 0, 0, 0)
+    assert o.shape == (0, 2, 64)
+
+
+def test_bad_input_errors():
+    q, k = torch.randn(1, 4, 4, 64), torch.randn(1, 4, 2, 64)
+    with pytest.raises(RuntimeError, match="'q' and 'k' must have the same dtype"):
+        lo.flash_attn(q, k.double(), k.double())
+    with pytest.raises(RuntimeError, match="divisible by k's number of heads"):
+        lo.flash_attn(q, torch.randn(1, 4, 3, 64), torch.randn(1, 4, 3, 64))
+    with pytest.raises(RuntimeError, match="'k' must have head_dim 64"):
+        lo.flash_attn(q, torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32))
+    with pytest.raises(RuntimeError, match="'k' and 'v' must have the same shape"):
+        lo.flash_attn(q, k, torch.randn(1, 5, 2, 64))
+    with pytest.raises(RuntimeError, match="'q' must be 4-D"):
+        lo.flash_attn(q[0], k, k)
+    with pytest.raises(RuntimeError, match="'q' must be float32"):
+        lo.flash_attn(q.int(), k.int(), k.int())
+    with pytest.raises(RuntimeError, match="head_dim must be <= 256"):
+        lo.flash_attn(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300), torch.randn(1, 2, 1, 300))
+    with pytest.raises(RuntimeError, match="'k' must have batch size 1"):
+        lo.flash_attn(q, torch.randn(2, 4, 2, 64), torch.randn(2, 4, 2, 64))
+    qv, kv = torch.randn(10, 4, 64), torch.randn(10, 2, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="'cu_seqlens_q' must be int32"):
+        lo.flash_attn_varlen(qv, kv, kv, cu.long(), cu, 6, 6)
+    with pytest.raises(RuntimeError, match="lengths <= max_seqlen_q"):
+        lo.flash_attn_varlen(qv, kv, kv, cu, cu, 5, 6)
+    with pytest.raises(RuntimeError, match="ends at 11"):
+        lo.flash_attn_varlen(qv, kv, kv, torch.tensor([0, 4, 11], dtype=torch.int32), cu, 7, 6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_errors():
+    q = torch.randn(1, 4, 2, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="float16 or bfloat16 on CUDA"):
+        lo.flash_attn(q, q, q)
+    q = torch.randn(1, 4, 2, 80, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="64, 96 or 128 on CUDA"):
+        lo.flash_attn(q, q, q)
+    with pytest.raises(RuntimeError, match="same device"):
+        lo.flash_attn(q, q.cpu(), q.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    _skip_unsupported(device, dtype)
+    ops = torch.ops.llmcore
+    q, k, v = _inputs((2, 9, 13, 4, 2, 64), dtype, device)
+    out, lse = ops.flash_attn_fwd(q, k, v, 0.125, True)
+    torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, 0.125, True))
+    dout = make(out.shape, dtype, device, seed=5)
+    torch.library.opcheck(ops.flash_attn_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                       lse, 0.125, True))
+    qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_case([3, 9, 1], [5, 9, 2], 4, 2, 64, dtype, device)
+    torch.library.opcheck(ops.flash_attn_varlen_fwd.default, (qv, kv, vv, cu_q, cu_k, mq, mk, 0.125, False))
+    o, l = ops.flash_attn_varlen_fwd(qv, kv, vv, cu_q, cu_k, mq, mk, 0.125, False)
+    torch.library.opcheck(ops.flash_attn_varlen_bwd.default,
+                          (make(o.shape, dtype, device), qv.detach(), kv.detach(), vv.detach(), o.detach(), l, cu_q,
+                           cu_k, mq, mk, 0.125, False))
+    kc, vc = make((2, 32, 2, 64), dtype, device, seed=1), make((2, 32, 2, 64), dtype, device, seed=2)
+    lens = torch.tensor([3, 20], dtype=torch.int32, device=device)
+    qd, kn, vn = make((2, 2, 4, 64), dtype, device), make((2, 2, 2, 64), dtype, device), make((2, 2, 2, 64), dtype, device)
+    torch.library.opcheck(ops.flash_attn_with_kvcache.default, (qd, kc, vc, lens, kn, vn, 0.125, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_float64(causal):
+    q, k, v = _inputs((1, 5, 7, 4, 2, 16), torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda a, b, c: lo.flash_attn(a, b, c, causal=causal), (q, k, v))
+    q, k, v = _inputs((1, 7, 5, 2, 1, 8), torch.float64, "cpu")  # Sq > Sk: fully masked rows
+    assert torch.autograd.gradcheck(lambda a, b, c: lo.flash_attn(a, b, c, causal=causal), (q, k, v))
+    qv, kv, vv, cu_q, cu_k, mq, mk = _varlen_case([2, 5, 1], [3, 5, 4], 2, 1, 8, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda a, b, c: lo.flash_attn_varlen(a, b, c, cu_q, cu_k, mq, mk, causal=causal),
+                                    (qv, kv, vv))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_deterministic(device):
+    dtype = torch.bfloat16
+    q, k, v = _inputs((1, 300, 300, 4, 1, 64), dtype, device)
+    out = lo.flash_attn(q, k, v)
+    dout = make(out.shape, dtype, device, seed=3)
+    g1 = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    g2 = torch.autograd.grad(out, (q, k, v), dout)
+    names = ("dq", "dk", "dv") if device == "cpu" else ("dk", "dv")  # CUDA dq: fp32 atomics
+    for a, b, nm in zip(g1 if device == "cpu" else g1[1:], g2 if device == "cpu" else g2[1:], names):
+        assert torch.equal(a, b), f"{nm} differs between two identical backward passes"
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 2), sq=st.integers(1, 140), sk=st.integers(1, 140), g=st.sampled_from([1, 2, 4]),
+       hkv=st.integers(1, 2), d=st.sampled_from([8, 40, 64, 96, 128]), causal=st.booleans(),
+       dt=st.sampled_from(DTYPES))
+def test_hypothesis_shapes(b, sq, sk, g, hkv, d, causal, dt):
+    q, k, v = _inputs((b, sq, sk, hkv * g, hkv, d), dt, "cpu", grad=False)
+    assert_close(lo.flash_attn(q, k, v, causal=causal), lo.flash_attn_reference(q.float(), k.float(), v.float(), causal),
+                 _lowp(q, k, v, causal))
+
+
+def test_torch_compile_fullgraph():
+    def f(q, k, v, cu):
+        a = lo.flash_attn(q, k, v, causal=True)
+        b = lo.flash_attn_varlen(q[0], k[0], v[0], cu, cu, 8, 8, causal=True)
+        return a[0] * 2 + b
+
+    q, k, v = _inputs((1, 12, 12, 4, 2, 32), torch.float32, "cpu")
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    out, ref = compiled(q, k, v, cu), f(q, k, v, cu)
+    assert_close(out, ref.detach())
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        assert_close(a, b)
+
+
+def test_reference_backend_switch():
+    q, k, v = _inputs((1, 6, 6, 2, 1, 32), torch.float32, "cpu", grad=False)
+    lo.set_backend("reference")
+    try:
+        assert torch.equal(lo.flash_attn(q, k, v), lo.flash_attn_reference(q, k, v))
+    finally:
+        lo.set_backend("llmcore")
