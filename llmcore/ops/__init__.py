@@ -11,3 +11,4 @@ from llmcore.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, s
 from llmcore.ops.flash_attn import (  # noqa: F401
     flash_attn, flash_attn_reference, flash_attn_varlen, flash_attn_varlen_reference, flash_attn_with_kvcache,
     flash_attn_with_kvcache_reference)
+from llmcore.ops.moe import (moe_aux_loss, moe_bias_update_, moe_combine, moe_combine_reference, moe_dispatch, moe_dispatch_reference, moe_route, moe_route_reference)  # noqa: F401
