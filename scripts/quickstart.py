@@ -6,6 +6,11 @@ It prints the time of each stage, a few chat answers to held-out questions (eval
 whose wording or whose fact SFT never saw), and the held-out accuracy of the untrained model and
 of the model after SFT. Everything lands in --out (checkpoints, log.jsonl, loss.png per stage);
 afterwards, chat with: python scripts/chat.py --ckpt <out>/sft
+
+Measured (2026-11-25, 2-core AMD EPYC shared with ~10 other jobs, 1 thread): 463 s of process CPU
+time in all (pretrain 200 steps, loss 7.29 -> 0.99; SFT 100 steps, loss 7.97 -> 0.67); held-out
+accuracy 0.0% untrained -> 28.3% after SFT (40% on facts asked with an unseen wording, 17% on
+facts SFT never asked about). The wall time on that loaded machine was 30 min.
 """
 import argparse
 import sys
