@@ -29,10 +29,7 @@ import torch.nn.functional as F
 from llmcore.model.config import ModelConfig
 from llmcore.nn import MLP, Attention, AttnMeta, MoEFeedForward, RMSNorm, Rotary
 
-try:  # TODO(merge data): the data branch owns this helper
-    from llmcore.data.datasets import cu_seqlens_from_positions
-except ImportError:
-    from llmcore.nn._pending_ops import cu_seqlens_from_positions
+from llmcore.data.datasets import cu_seqlens_from_positions
 
 
 class Block(nn.Module):

@@ -18,11 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcore.nn._pending_ops import (  # TODO(merge flash_attn): from llmcore.ops import ...
-    flash_attn,
-    flash_attn_varlen,
-    flash_attn_with_kvcache,
-)
+from llmcore.ops import flash_attn, flash_attn_varlen, flash_attn_with_kvcache
 
 
 @dataclass

@@ -2,7 +2,7 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcore.nn._pending_ops import swiglu  # TODO(merge rope_swiglu): from llmcore.ops import swiglu
+from llmcore.ops import swiglu
 
 
 class MLP(nn.Module):

@@ -8,7 +8,7 @@ that may restart per packed document). Tables grow on demand when a position exc
 import torch
 import torch.nn as nn
 
-from llmcore.nn._pending_ops import rope, rope_cache  # TODO(merge rope_swiglu): from llmcore.ops import rope, rope_cache
+from llmcore.ops import rope, rope_cache
 
 
 def rope_torch(q, k, cos, sin, positions=None):
