@@ -33,10 +33,10 @@ Training memory (bytes), per data-parallel rank of `world` ranks:
   (2 for bf16/fp16 compute, 4 for fp32), flash attention (no T×T score matrix is kept):
     per layer, per token   a·(4·d + 2·H·hd + 2·Hkv·hd + 3·F_act) + 4·(H + 2)
       4·d: inputs and outputs of the two RMSNorms (the outputs feed the projections),
-      2·H·hd: q and the attention output, 2·Hkv·hd: k and v, 4·F_act: gate, up, silu(gate) and
-      silu(gate)·up (F_act = F for a dense layer, k·Fe + S·Fs per token for MoE, plus, for MoE, the
-      fp32 router logits and probabilities (2·E) and the k dispatched copies of x and of the expert
-      outputs (2·k·d)); a SwiGLU kernel that recomputes silu in backward saves F_act less,
+      2·H·hd: q and the attention output, 2·Hkv·hd: k and v, 3·F_act: gate, up and silu(gate)·up (the
+      SwiGLU kernel recomputes silu in backward) with F_act = F for a dense layer, k·Fe + S·Fs per
+      token for MoE, plus, for MoE, the fp32 router logits and probabilities (2·E) and the k dispatched copies of x and of the expert
+      outputs (2·k·d));
       fp32: the attention log-sum-exp (H) and the two rstd values.
     final                  a·2·d + 4·V     (final norm in/out; the fp32 log-softmax of the logits that
                                             the cross-entropy saves)
@@ -190,7 +190,7 @@ def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, chec
             extra = 4 * 2 * a.n_experts + act_bytes * 2 * a.top_k * d
         else:
             f_act, extra = a.ffn, 0
-        per_layer = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 4 * f_act) \
+        per_layer = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
             + 4 * (a.n_heads + 2) + extra
     final = act_bytes * 2 * d + 4 * a.vocab
     return int(tokens * (a.n_layers * per_layer + final))

@@ -39,13 +39,14 @@ from torch import nn
 
 from llmcore.ops.moe import (moe_aux_loss, moe_bias_update_, moe_combine, moe_dispatch, moe_route,
                              moe_route_reference)
+from llmcore.ops.swiglu import swiglu_packed
 
 _BALANCE = ("aux", "bias", "none")
 
 
-def _swiglu(g, u):
-    # Switches to llmcore.ops.swiglu(gate, up) when that op lands.
-    return torch.nn.functional.silu(g) * u
+def _swiglu_torch(g, u):
+    """Plain-PyTorch SwiGLU for the comparison implementations below."""
+    return F.silu(g) * u
 
 
 def _grouped_mm_ok(x, w):
@@ -120,8 +121,7 @@ class MoEFeedForward(nn.Module):
     def shared(self, x2):
         if self.shared_gate_up is None:
             return None
-        g, u = self.shared_gate_up(x2).chunk(2, dim=-1)
-        return self.shared_down(_swiglu(g, u))
+        return self.shared_down(swiglu_packed(self.shared_gate_up(x2)))  # [gate | up] -> (T, S*Fs)
 
     def forward(self, x):
         shape = x.shape
@@ -130,8 +130,7 @@ class MoEFeedForward(nn.Module):
         logits, w, ids = self.route(x2)                                      # (T, E), (T, k), (T, k)
         xp, counts, offsets, row_map = moe_dispatch(x2, ids, self.num_experts)  # (T*k, H)
         h = grouped_linear(xp, self.gate_up_proj, offsets, counts)           # (T*k, 2F)
-        g, u = h.chunk(2, dim=-1)
-        yp = grouped_linear(_swiglu(g, u), self.down_proj, offsets, counts)  # (T*k, H)
+        yp = grouped_linear(swiglu_packed(h), self.down_proj, offsets, counts)  # (T*k, H)
         y = moe_combine(yp, w, row_map, T)                                   # (T, H)
         s = self.shared(x2)
         if s is not None:
@@ -169,7 +168,7 @@ def _expert(layer, e, xe):
     F_ = layer.ffn_hidden
     wgu = layer.gate_up_proj[e].to(xe.dtype)
     h = F.linear(xe, wgu)
-    return F.linear(_swiglu(h[:, :F_], h[:, F_:]), layer.down_proj[e].to(xe.dtype))
+    return F.linear(_swiglu_torch(h[:, :F_], h[:, F_:]), layer.down_proj[e].to(xe.dtype))
 
 
 def _route_torch(layer, x2):

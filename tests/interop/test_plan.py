@@ -58,10 +58,11 @@ def test_hand_numbers():
         train_time_s(a, 1e9, "TPU")
 
 
-# measured on this model (fp32, B=2, T=128): llmcore dense and MoE within 0.3%; the torch backend
-# saves ~5-9% more (SDPA keeps extra buffers)
-@pytest.mark.parametrize("backend,moe,tol", [("llmcore", False, 0.03), ("torch", False, 0.12), ("llmcore", True, 0.03),
-                                             ("torch", True, 0.12)])
+# The planner models the llmcore backend (SwiGLU recomputes silu in backward). Measured on this model
+# (fp32, B=2, T=128): llmcore dense and MoE within 0.3%; the torch backend saves ~23% more on the
+# dense model (silu(gate) and SDPA's extra buffers), so it only gets a loose bound.
+@pytest.mark.parametrize("backend,moe,tol", [("llmcore", False, 0.03), ("torch", False, 0.3), ("llmcore", True, 0.03),
+                                             ("torch", True, 0.3)])
 def test_activation_bytes_vs_saved_tensors(backend, moe, tol):
     """The planner's activation estimate vs the unique storages autograd saves (fp32 training)."""
     torch.manual_seed(0)
