@@ -22,22 +22,20 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-// ---- 16-byte vectors: VecN<T>::N elements moved by one ld.global.v4 / st.global.v4 ----
-template <typename T>
-struct alignas(16) Vec16 {
-  static constexpr int N = 16 / sizeof(T);
+// ---- vector access: N elements of T in one aligned load/store (16 bytes -> ld/st.global.v4) ----
+// p must be aligned to sizeof(T) * N; the caller checks alignment on the host (is_aligned16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) VecN {
   T v[N];
 };
 
-template <typename T>
-__device__ __forceinline__ Vec16<T> load_vec16(const T* p) {  // p must be 16-byte aligned
-  Vec16<T> r;
-  *reinterpret_cast<uint4*>(&r) = __ldg(reinterpret_cast<const uint4*>(p));
-  return r;
+template <typename T, int N>
+__device__ __forceinline__ VecN<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const VecN<T, N>*>(p);
 }
-template <typename T>
-__device__ __forceinline__ void store_vec16(T* p, const Vec16<T>& r) {
-  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const VecN<T, N>& v) {
+  *reinterpret_cast<VecN<T, N>*>(p) = v;
 }
 
 inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -45,18 +45,6 @@ constexpr int kSortWarps = kSortThreads / 32;
 constexpr int kScanThreads = 1024;
 constexpr int kRowThreads = 256;    // row kernels: TX * TY <= 256, TY <= 8
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> ld(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
-}
-template <typename T, int N>
-__device__ __forceinline__ void st(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
-}
 
 // ---------------------------------------------------------------- route
 template <typename T>
@@ -323,14 +311,14 @@ __global__ void __launch_bounds__(kRowThreads) moe_combine_rows_kernel(MoeRowsPa
       const int64_t r = rm[s];
       if (r < 0) continue;
       const float ws = w ? w[s] : 1.f;
-      const Vec<T, VEC> v = ld<T, VEC>(src + r * p.src_row_stride + i * VEC);
+      const VecN<T, VEC> v = load_vec<T, VEC>(src + r * p.src_row_stride + i * VEC);
 #pragma unroll
       for (int q = 0; q < VEC; ++q) acc[q] += ws * to_f32(v.v[q]);
     }
-    Vec<T, VEC> o;
+    VecN<T, VEC> o;
 #pragma unroll
     for (int q = 0; q < VEC; ++q) o.v[q] = from_f32<T>(acc[q]);
-    st<T, VEC>(dst + i * VEC, o);
+    store_vec<T, VEC>(dst + i * VEC, o);
   }
 }
 
@@ -349,15 +337,15 @@ __global__ void __launch_bounds__(kRowThreads) moe_combine_bwd_kernel(MoeCombine
       const T* yp = static_cast<const T*>(p.y_permuted) + r * H;
       T* dyp = static_cast<T*>(p.dy_permuted) + r * H;
       for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-        const Vec<T, VEC> d = ld<T, VEC>(dy + i * VEC), y = ld<T, VEC>(yp + i * VEC);
-        Vec<T, VEC> o;
+        const VecN<T, VEC> d = load_vec<T, VEC>(dy + i * VEC), y = load_vec<T, VEC>(yp + i * VEC);
+        VecN<T, VEC> o;
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
           const float df = to_f32(d.v[q]);
           o.v[q] = from_f32<T>(ws * df);
           dot += df * to_f32(y.v[q]);
         }
-        st<T, VEC>(dyp + i * VEC, o);
+        store_vec<T, VEC>(dyp + i * VEC, o);
       }
     }
     dot = block_row_sum(dot, scratch + threadIdx.y * 32);

@@ -21,19 +21,6 @@ namespace {
 
 constexpr int kNCache = 4;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> ld(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
-}
-template <typename T, int N>
-__device__ __forceinline__ void st(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
-}
 
 template <typename T, typename W, int VEC>
 __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p) {
@@ -45,12 +32,12 @@ __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p) {
   const T* res = p.residual ? static_cast<const T*>(p.residual) + row * p.residual_row_stride : nullptr;
   T* h = p.residual ? static_cast<T*>(p.h) + row * p.n : nullptr;
 
-  Vec<T, VEC> cache[kNCache];
+  VecN<T, VEC> cache[kNCache];
   float ss = 0.f;
   auto load_h = [&](int64_t i) {  // one VEC of h = x (+ residual), rounded to T
-    Vec<T, VEC> v = ld<T, VEC>(x + i * VEC);
+    VecN<T, VEC> v = load_vec<T, VEC>(x + i * VEC);
     if (res) {
-      Vec<T, VEC> r = ld<T, VEC>(res + i * VEC);
+      VecN<T, VEC> r = load_vec<T, VEC>(res + i * VEC);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v.v[k] = from_f32<T>(to_f32(v.v[k]) + to_f32(r.v[k]));
     }
@@ -62,14 +49,14 @@ __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
       if (i < nvec) {
         cache[j] = load_h(i);
-        if (h) st<T, VEC>(h + i * VEC, cache[j]);
+        if (h) store_vec<T, VEC>(h + i * VEC, cache[j]);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) ss += to_f32(cache[j].v[k]) * to_f32(cache[j].v[k]);
       }
     }
     for (int64_t i = threadIdx.x + static_cast<int64_t>(kNCache) * blockDim.x; i < nvec; i += blockDim.x) {
-      Vec<T, VEC> v = load_h(i);
-      if (h) st<T, VEC>(h + i * VEC, v);
+      VecN<T, VEC> v = load_h(i);
+      if (h) store_vec<T, VEC>(h + i * VEC, v);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) ss += to_f32(v.v[k]) * to_f32(v.v[k]);
     }
@@ -81,12 +68,12 @@ __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p) {
 
   const W* w = static_cast<const W*>(p.weight);
   T* y = static_cast<T*>(p.y) + row * p.n;
-  auto write = [&](int64_t i, const Vec<T, VEC>& v) {
-    Vec<W, VEC> wv = ld<W, VEC>(w + i * VEC);
-    Vec<T, VEC> o;
+  auto write = [&](int64_t i, const VecN<T, VEC>& v) {
+    VecN<W, VEC> wv = load_vec<W, VEC>(w + i * VEC);
+    VecN<T, VEC> o;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) o.v[k] = from_f32<T>(to_f32(v.v[k]) * rstd * to_f32(wv.v[k]));
-    st<T, VEC>(y + i * VEC, o);
+    store_vec<T, VEC>(y + i * VEC, o);
   };
 #pragma unroll
   for (int j = 0; j < kNCache; ++j) {
@@ -117,22 +104,22 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
     const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
     const T* dy = static_cast<const T*>(p.dy) + row * p.n;
     const float rstd = p.rstd[row];
-    Vec<T, VEC> xc[kNCache], dyc[kNCache];
+    VecN<T, VEC> xc[kNCache], dyc[kNCache];
     float dot = 0.f;
 #pragma unroll
     for (int j = 0; j < kNCache; ++j) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
       if (i < nvec) {
-        xc[j] = ld<T, VEC>(x + i * VEC);
-        dyc[j] = ld<T, VEC>(dy + i * VEC);
-        Vec<W, VEC> wv = ld<W, VEC>(w + i * VEC);
+        xc[j] = load_vec<T, VEC>(x + i * VEC);
+        dyc[j] = load_vec<T, VEC>(dy + i * VEC);
+        VecN<W, VEC> wv = load_vec<W, VEC>(w + i * VEC);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) dot += to_f32(dyc[j].v[k]) * to_f32(wv.v[k]) * to_f32(xc[j].v[k]);
       }
     }
     for (int64_t i = threadIdx.x + static_cast<int64_t>(kNCache) * blockDim.x; i < nvec; i += blockDim.x) {
-      Vec<T, VEC> xv = ld<T, VEC>(x + i * VEC), dv = ld<T, VEC>(dy + i * VEC);
-      Vec<W, VEC> wv = ld<W, VEC>(w + i * VEC);
+      VecN<T, VEC> xv = load_vec<T, VEC>(x + i * VEC), dv = load_vec<T, VEC>(dy + i * VEC);
+      VecN<W, VEC> wv = load_vec<W, VEC>(w + i * VEC);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) dot += to_f32(dv.v[k]) * to_f32(wv.v[k]) * to_f32(xv.v[k]);
     }
@@ -140,11 +127,11 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
     const float c = dot * rstd * rstd / static_cast<float>(p.n);
     T* dx = static_cast<T*>(p.dx) + row * p.n;
     const T* de = p.dextra ? static_cast<const T*>(p.dextra) + row * p.n : nullptr;
-    auto grad = [&](int64_t i, const Vec<T, VEC>& xv, const Vec<T, VEC>& dv, float* acc) {
-      Vec<W, VEC> wv = ld<W, VEC>(w + i * VEC);
-      Vec<T, VEC> o;
-      Vec<T, VEC> ev;
-      if (de) ev = ld<T, VEC>(de + i * VEC);
+    auto grad = [&](int64_t i, const VecN<T, VEC>& xv, const VecN<T, VEC>& dv, float* acc) {
+      VecN<W, VEC> wv = load_vec<W, VEC>(w + i * VEC);
+      VecN<T, VEC> o;
+      VecN<T, VEC> ev;
+      if (de) ev = load_vec<T, VEC>(de + i * VEC);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float xf = to_f32(xv.v[k]), df = to_f32(dv.v[k]);
@@ -153,7 +140,7 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
         o.v[k] = from_f32<T>(g);
         acc[k] += df * xf * rstd;
       }
-      st<T, VEC>(dx + i * VEC, o);
+      store_vec<T, VEC>(dx + i * VEC, o);
     };
 #pragma unroll
     for (int j = 0; j < kNCache; ++j) {
@@ -164,7 +151,7 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
       float acc[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] = part[i * VEC + k];
-      grad(i, ld<T, VEC>(x + i * VEC), ld<T, VEC>(dy + i * VEC), acc);
+      grad(i, load_vec<T, VEC>(x + i * VEC), load_vec<T, VEC>(dy + i * VEC), acc);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) part[i * VEC + k] = acc[k];
     }

@@ -25,11 +25,6 @@
 namespace llmcore {
 namespace {
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) VecN {
-  T v[N];
-};
-
 // N elements of T at p: one vector access when VEC (p aligned to sizeof(T) * N), else scalar.
 template <typename T, int N, bool VEC>
 __device__ __forceinline__ void load_n(const T* p, T (&out)[N]) {

@@ -13,19 +13,6 @@
 namespace llmcore {
 namespace {
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) VecN {
-  T v[N];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ VecN<T, V> ldv(const T* p) {
-  return *reinterpret_cast<const VecN<T, V>*>(p);
-}
-template <typename T, int V>
-__device__ __forceinline__ void stv(T* p, const VecN<T, V>& v) {
-  *reinterpret_cast<VecN<T, V>*>(p) = v;
-}
 
 __device__ __forceinline__ float sigmoid_f32(float g) { return 1.f / (1.f + expf(-g)); }
 
@@ -35,15 +22,15 @@ __global__ void swiglu_fwd_kernel(SwigluParams p) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t r = p.rows == 1 ? 0 : idx / nvec, c = (idx - r * nvec) * V;
-    const VecN<T, V> g = ldv<T, V>(static_cast<const T*>(p.gate) + r * p.gate_rs + c);
-    const VecN<T, V> u = ldv<T, V>(static_cast<const T*>(p.up) + r * p.up_rs + c);
+    const VecN<T, V> g = load_vec<T, V>(static_cast<const T*>(p.gate) + r * p.gate_rs + c);
+    const VecN<T, V> u = load_vec<T, V>(static_cast<const T*>(p.up) + r * p.up_rs + c);
     VecN<T, V> y;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const float gv = to_f32(g.v[i]);
       y.v[i] = from_f32<T>(gv * sigmoid_f32(gv) * to_f32(u.v[i]));
     }
-    stv<T, V>(static_cast<T*>(p.y) + r * p.n + c, y);
+    store_vec<T, V>(static_cast<T*>(p.y) + r * p.n + c, y);
   }
 }
 
@@ -53,9 +40,9 @@ __global__ void swiglu_bwd_kernel(SwigluParams p) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t r = p.rows == 1 ? 0 : idx / nvec, c = (idx - r * nvec) * V;
-    const VecN<T, V> d = ldv<T, V>(static_cast<const T*>(p.dy) + r * p.n + c);
-    const VecN<T, V> g = ldv<T, V>(static_cast<const T*>(p.gate) + r * p.gate_rs + c);
-    const VecN<T, V> u = ldv<T, V>(static_cast<const T*>(p.up) + r * p.up_rs + c);
+    const VecN<T, V> d = load_vec<T, V>(static_cast<const T*>(p.dy) + r * p.n + c);
+    const VecN<T, V> g = load_vec<T, V>(static_cast<const T*>(p.gate) + r * p.gate_rs + c);
+    const VecN<T, V> u = load_vec<T, V>(static_cast<const T*>(p.up) + r * p.up_rs + c);
     VecN<T, V> dg, du;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -64,8 +51,8 @@ __global__ void swiglu_bwd_kernel(SwigluParams p) {
       dg.v[i] = from_f32<T>(dv * uv * sig * (1.f + gv * (1.f - sig)));
       du.v[i] = from_f32<T>(dv * (gv * sig));
     }
-    stv<T, V>(static_cast<T*>(p.dgate) + r * p.dgate_rs + c, dg);
-    stv<T, V>(static_cast<T*>(p.dup) + r * p.dup_rs + c, du);
+    store_vec<T, V>(static_cast<T*>(p.dgate) + r * p.dgate_rs + c, dg);
+    store_vec<T, V>(static_cast<T*>(p.dup) + r * p.dup_rs + c, du);
   }
 }
 
