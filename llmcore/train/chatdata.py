@@ -1,0 +1,97 @@
+"""Conversation encoding for the post-SFT stages (LoRA, DPO, distillation, reasoning): minimind's jsonl
+formats read as they are, tokenized on the fly (these sets are small), padded per batch.
+
+    encode_conversation(tok, messages, max_len) -> (ids, labels)
+        ChatML ids; labels = ids on assistant turns (content + <|im_end|>), -100 elsewhere
+        (system/user turns, role headers). HF label convention: the model shifts.
+    ChatDataset(path | records, tok, max_len)         {"conversations": [...]}        -> input_ids, labels
+    PairDataset(path | records, tok, max_len)         {"chosen": [...], "rejected": [...]}
+        -> chosen_ids, chosen_labels, rejected_ids, rejected_labels
+    pad_collate / pair_collate                        right-pad to the longest row (pad 0, label -100);
+        pair_collate stacks [chosen; rejected] into one (2B, S) batch so a single forward scores both.
+
+Truncation keeps the first max_len tokens (prompt first; the tail of a long answer is cut).
+"""
+import json
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+def read_jsonl(path_or_records):
+    if isinstance(path_or_records, (list, tuple)):
+        return list(path_or_records)
+    with open(path_or_records, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def encode_conversation(tok, messages, max_len: int = 512):
+    """(ids, labels) lists of equal length <= max_len; see the module docstring."""
+    ids, labels = [], []
+    for m in messages:
+        head = tok.encode(f"<|im_start|>{m['role']}\n")
+        body = tok.encode(m["content"]) + [tok.eos_id]  # eos == <|im_end|>
+        nl = tok.encode("\n")
+        ids += head + body + nl
+        if m["role"] == "assistant":
+            labels += [IGNORE] * len(head) + body + [IGNORE] * len(nl)
+        else:
+            labels += [IGNORE] * (len(head) + len(body) + len(nl))
+    return ids[:max_len], labels[:max_len]
+
+
+class ChatDataset:
+    def __init__(self, src, tok, max_len: int = 512):
+        self.items = []
+        for r in read_jsonl(src):
+            ids, lab = encode_conversation(tok, r["conversations"], max_len)
+            if any(l != IGNORE for l in lab[1:]):
+                self.items.append((torch.tensor(ids), torch.tensor(lab)))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        ids, lab = self.items[i]
+        return {"input_ids": ids, "labels": lab}
+
+
+class PairDataset:
+    def __init__(self, src, tok, max_len: int = 512):
+        self.items = []
+        for r in read_jsonl(src):
+            c_ids, c_lab = encode_conversation(tok, r["chosen"], max_len)
+            r_ids, r_lab = encode_conversation(tok, r["rejected"], max_len)
+            if any(l != IGNORE for l in c_lab[1:]) and any(l != IGNORE for l in r_lab[1:]):
+                self.items.append(tuple(torch.tensor(x) for x in (c_ids, c_lab, r_ids, r_lab)))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        c, cl, r, rl = self.items[i]
+        return {"chosen_ids": c, "chosen_labels": cl, "rejected_ids": r, "rejected_labels": rl}
+
+
+def _pad(rows, value, length):
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def pad_collate(items):
+    """[{input_ids, labels}] -> {input_ids (B, S), labels (B, S)}, S = longest row."""
+    n = max(len(it["input_ids"]) for it in items)
+    return {"input_ids": _pad([it["input_ids"] for it in items], 0, n),
+            "labels": _pad([it["labels"] for it in items], IGNORE, n)}
+
+
+def pair_collate(items):
+    """[{chosen_*, rejected_*}] -> {input_ids (2B, S), labels (2B, S)}: rows 0..B-1 chosen, B..2B-1 rejected."""
+    rows = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+    labs = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
+    n = max(len(r) for r in rows)
+    return {"input_ids": _pad(rows, 0, n), "labels": _pad(labs, IGNORE, n)}
