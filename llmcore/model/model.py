@@ -1,0 +1,168 @@
+"""The model: one flat Llama-style decoder (minimind architecture), dense or MoE.
+
+    ids (B, S) -> embed -> n_layers x [ h += attn(attn_norm(h)); h += ffn(mlp_norm(h)) ] -> norm
+               -> logits = y @ embed.weight.T   (tied lm_head)
+
+The residual stream is carried through llmcore.ops.add_rms_norm: each block receives the branch
+output of the previous block plus the residual h, and each norm returns (normed, new h), so the
+residual add is fused into the norm. h stays in the parameter dtype (fp32 under autocast); the
+branches (attention, MLP) run in the autocast dtype.
+
+Parameter names (stable, Llama-like; the HF exporter maps them):
+    embed.weight, layers.{i}.attn_norm.weight, layers.{i}.attn.{wq,wk,wv,wo}.weight,
+    layers.{i}.mlp_norm.weight, layers.{i}.mlp.{w_gate,w_up,w_down}.weight, norm.weight
+
+Packed batches: `positions` (B, S) restarting at 0 at each document start. When a restart occurs
+inside a row, attention runs per document (flash_attn_varlen on cu_seqlens from positions), so no
+token attends across documents; RoPE uses the given positions.
+
+Labels follow the HF convention: same shape as input_ids, the model shifts them (logits at t
+predict labels at t + 1), -100 = no loss. The loss is mean cross-entropy in fp32 plus, for MoE,
+the routers' aux losses.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmcore.model.config import ModelConfig
+from llmcore.nn import MLP, Attention, AttnMeta, MoEFeedForward, RMSNorm, Rotary
+
+try:  # TODO(merge data): the data branch owns this helper
+    from llmcore.data.datasets import cu_seqlens_from_positions
+except ImportError:
+    from llmcore.nn._pending_ops import cu_seqlens_from_positions
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
+        if cfg.n_experts > 0:
+            self.mlp = MoEFeedForward(cfg.dim, cfg.ffn_hidden, cfg.n_experts, cfg.top_k,
+                                      num_shared_experts=cfg.n_shared_experts, score=cfg.moe_score,
+                                      aux_loss_coef=cfg.aux_loss_coef, balance=cfg.moe_balance)
+        else:
+            self.mlp = MLP(cfg.dim, cfg.ffn_hidden, cfg.backend)
+
+    def forward(self, x, h, rotary, meta, kv_cache=None):
+        """x: previous branch output (B, S, dim); h: residual stream (None in the first block, where x is it)."""
+        if h is None:
+            h, y = x, self.attn_norm(x)
+        else:
+            y, h = self.attn_norm(x, h)
+        a = self.attn(y, rotary, meta, kv_cache)
+        y, h = self.mlp_norm(a, h)
+        return self.mlp(y), h
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.backend)
+        self.reset_parameters()
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """The output projection (vocab, dim): tied to embed.weight."""
+        return self.embed.weight
+
+    def reset_parameters(self):
+        """GPT-2 style init: N(0, init_std) everywhere, residual output projections scaled by
+        1/sqrt(2 n_layers); norms at 1."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (fwd + bwd): 6 N (active params, embedding counted once as the
+        lm_head matmul) + 12 L S dim (attention scores and values, causal counted in full)."""
+        c = self.cfg
+        n = self.num_params() - c.vocab_size * c.dim  # embedding lookup is free; the lm_head matmul is not
+        if c.n_experts:
+            per_expert = 3 * c.dim * c.ffn_hidden
+            n -= c.n_layers * (c.n_experts - c.top_k) * per_expert
+        n += c.vocab_size * c.dim
+        return 6 * n + 12 * c.n_layers * seq_len * c.dim
+
+    def _attn_meta(self, input_ids, positions, cache):
+        B, S = input_ids.shape
+        if cache is not None:
+            pos = cache.seqlens.long()[:, None] + torch.arange(S, device=input_ids.device)[None, :]
+            self.rotary.ensure(cache.max_len)
+            return AttnMeta(positions=pos, cache_seqlens=cache.seqlens)
+        if positions is None:
+            self.rotary.ensure(S)
+            return AttnMeta()
+        positions = positions.long()
+        self.rotary.ensure(int(positions.max()) + 1)
+        if not bool((positions[:, 1:] == 0).any()):
+            return AttnMeta(positions=positions)
+        cu, max_len = cu_seqlens_from_positions(positions)
+        meta = AttnMeta(positions=positions, cu_seqlens=cu.to(input_ids.device), max_seqlen=int(max_len))
+        if self.cfg.backend == "torch":
+            start = positions == 0
+            start[:, 0] = True
+            doc = start.cumsum(1)  # (B, S) document index within the row
+            causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()
+            meta.doc_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, S, S)
+        return meta
+
+    def forward(self, input_ids, positions=None, labels=None, cache=None):
+        """input_ids (B, S) long; positions (B, S) or None; labels (B, S) or None; cache a KVCache
+        (decoding: positions come from cache.seqlens, which the caller advances afterwards).
+        Returns logits (B, S, vocab) or, with labels, (logits, loss)."""
+        meta = self._attn_meta(input_ids, positions, cache)
+        x, h = self.embed(input_ids), None  # (B, S, dim)
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, h = layer(x, h, self.rotary, meta, kv)
+        y, _ = self.norm(x, h)
+        logits = F.linear(y, self.lm_head)  # (B, S, vocab)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        aux = self.aux_loss()
+        if aux is not None:
+            loss = loss + aux
+        return logits, loss
+
+    def aux_loss(self):
+        """Sum of the MoE routers' aux losses from the last forward (None for a dense model)."""
+        if not self.cfg.n_experts:
+            return None
+        return sum(layer.mlp.aux_loss for layer in self.layers)
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, max_len, n_kv_heads, head_dim) and the valid length of each
+    row (`seqlens`, int32 (B,)). The model reads seqlens; the caller advances it after each forward."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.max_len = max_len
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def advance(self, n: int):
+        self.seqlens += n
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    return Transformer(cfg)
