@@ -188,7 +188,6 @@ def save_adapter(model, out_dir: str, base_model_name_or_path: str = None) -> st
         "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "use_rslora": cfg["use_rslora"],
         "target_modules": sorted(HF_NAMES[t][1] for t in cfg["targets"]), "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "llmcore_targets": cfg["targets"],
     }
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(peft_cfg, f, indent=2)
@@ -202,7 +201,7 @@ def load_adapter(model, adapter_dir: str) -> nn.Module:
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         c = json.load(f)
     inv = {v[1]: k for k, v in HF_NAMES.items()}
-    targets = c.get("llmcore_targets") or [inv[t] for t in c["target_modules"]]
+    targets = [inv[t] for t in c["target_modules"]]
     apply_lora(model, targets, r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
                use_rslora=c.get("use_rslora", False))
     sd = {from_peft_key(k.replace(".default.", ".")): v for k, v in
