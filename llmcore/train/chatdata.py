@@ -1,9 +1,10 @@
 """Conversation encoding for the post-SFT stages (LoRA, DPO, distillation, reasoning): minimind's jsonl
 formats read as they are, tokenized on the fly (these sets are small), padded per batch.
 
-    encode_conversation(tok, messages, max_len) -> (ids, labels)
+    encode_conversation(tok, messages, max_len, only_last) -> (ids, labels)
         ChatML ids; labels = ids on assistant turns (content + <|im_end|>), -100 elsewhere
         (system/user turns, role headers). HF label convention: the model shifts.
+        DPO pairs score only the last assistant turn (the completion), as llmcore.data.prep does.
     ChatDataset(path | records, tok, max_len)         {"conversations": [...]}        -> input_ids, labels
     PairDataset(path | records, tok, max_len)         {"chosen": [...], "rejected": [...]}
         -> chosen_ids, chosen_labels, rejected_ids, rejected_labels
@@ -27,19 +28,17 @@ def read_jsonl(path_or_records):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def encode_conversation(tok, messages, max_len: int = 512):
-    """(ids, labels) lists of equal length <= max_len; see the module docstring."""
-    ids, labels = [], []
-    for m in messages:
-        head = tok.encode(f"<|im_start|>{m['role']}\n")
-        body = tok.encode(m["content"]) + [tok.eos_id]  # eos == <|im_end|>
-        nl = tok.encode("\n")
-        ids += head + body + nl
-        if m["role"] == "assistant":
-            labels += [IGNORE] * len(head) + body + [IGNORE] * len(nl)
-        else:
-            labels += [IGNORE] * (len(head) + len(body) + len(nl))
-    return ids[:max_len], labels[:max_len]
+def encode_conversation(tok, messages, max_len: int = 512, only_last: bool = False):
+    """(ids, labels) lists of equal length <= max_len: ChatML ids (llmcore.data.prep.encode_conversation,
+    the same tokens and loss mask as the prepared SFT/DPO shards), labels = ids where the mask is 1
+    (assistant content + <|im_end|>; only the last assistant turn when only_last), else -100."""
+    from llmcore.data.prep import encode_conversation as _encode
+
+    ids, mask = _encode(tok, messages, only_last)
+    ids = ids[:max_len].tolist()
+    labels = [t if m else IGNORE for t, m in zip(ids, mask[:max_len].tolist())]
+    return ids, labels
+
 
 
 class ChatDataset:
@@ -62,8 +61,8 @@ class PairDataset:
     def __init__(self, src, tok, max_len: int = 512):
         self.items = []
         for r in read_jsonl(src):
-            c_ids, c_lab = encode_conversation(tok, r["chosen"], max_len)
-            r_ids, r_lab = encode_conversation(tok, r["rejected"], max_len)
+            c_ids, c_lab = encode_conversation(tok, r["chosen"], max_len, only_last=True)
+            r_ids, r_lab = encode_conversation(tok, r["rejected"], max_len, only_last=True)
             if any(l != IGNORE for l in c_lab[1:]) and any(l != IGNORE for l in r_lab[1:]):
                 self.items.append(tuple(torch.tensor(x) for x in (c_ids, c_lab, r_ids, r_lab)))
 
