@@ -19,7 +19,8 @@ few CPU minutes measurably learns it:
   and wrong (rejected: another value of the same attribute, or an off-by-a-little sum).
 - **reason.jsonl**: SFT format whose assistant replies are
   `<think>steps</think><answer>value</answer>`: multi-step additions and two-hop fact lookups.
-- **eval.jsonl** `{"question", "answer", "kind": "fact"|"arith", "lang": "en"|"zh", "split"}`:
+- **eval.jsonl** `{"question", "answer", "kind": "fact"|"arith", "lang": "en"|"zh", "split"}`
+  (plus "relation" and "subject" for facts, "expr" such as "7 + 5" for arithmetic):
   held-out questions. No eval question text occurs in sft/dpo/reason (nor in pretrain), while every
   fact it asks about is stated in pretrain. Two splits: "unseen_template" (a fact also asked in SFT,
   here phrased with a question template SFT never uses) and "unseen_fact" (a fact SFT never asks
@@ -532,12 +533,13 @@ class QA:
     answer: str
     kind: str  # "fact" | "arith"
     lang: str
-    key: tuple  # the fact / arithmetic item asked about
+    key: tuple  # the fact (relation, English subject) / arithmetic item (a, b, op) asked about
+    subject: str = ""  # fact questions: the subject's name in `lang`
 
 
 def _fact_qa(rng, fact: Fact, lang: str, held_template: bool) -> QA:
     t = rng.choice(_ask_templates(fact.rel, lang, held_template))
-    return QA(t.format(s=fact.name(lang)), fact.value(lang), "fact", lang, fact.key)
+    return QA(t.format(s=fact.name(lang)), fact.value(lang), "fact", lang, fact.key, fact.name(lang))
 
 
 def _arith_qa(rng, item, lang: str, held_template: bool) -> QA:
@@ -656,7 +658,12 @@ def generate_default_corpus(seed: int = 0, size: str = "small") -> dict[str, lis
         if qa.question in eval_texts:
             return
         eval_texts.add(qa.question)
-        eval_recs.append({"question": qa.question, "answer": qa.answer, "kind": qa.kind, "lang": qa.lang, "split": split})
+        rec = {"question": qa.question, "answer": qa.answer, "kind": qa.kind, "lang": qa.lang, "split": split}
+        if qa.kind == "fact":
+            rec["relation"], rec["subject"] = qa.key[0], qa.subject
+        else:
+            rec["expr"] = f"{qa.key[0]} {qa.key[2]} {qa.key[1]}"
+        eval_recs.append(rec)
 
     n_fact_unseen = cfg.eval_facts // 2
     tries = 0

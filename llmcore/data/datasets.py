@@ -112,13 +112,11 @@ def _pad_item(ids: np.ndarray, mask: np.ndarray | None, seq_len: int, pad_id: in
     att[:m] = 1
     pos = np.empty(seq_len, dtype=np.int64)
     start = 0
-    for length in seg:
-        end = min(start + length, seq_len)
-        if end > start:
-            pos[start:end] = np.arange(end - start)
+    for length in seg:  # one position run per conversation, over the m real input tokens
+        end = min(start + length, m)
+        pos[start:end] = np.arange(end - start)
         start = end
-    if start < seq_len:
-        pos[start:] = np.arange(seq_len - start)
+    pos[start:] = np.arange(seq_len - start)  # the padding: a segment of its own
     return {"input_ids": torch.from_numpy(inp), "labels": torch.from_numpy(lab),
             "positions": torch.from_numpy(pos), "attention_mask": torch.from_numpy(att)}
 

@@ -82,7 +82,11 @@ def _causal_mask(sq, sk, device):
 def flash_attn(q, k, v, causal=True, softmax_scale=None, return_lse=False):
     """Attention over q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D); causal aligned bottom-right."""
     mask = _causal_mask(q.shape[1], k.shape[1], q.device)[None, None] if causal else None
-    out = _sdpa(q, k, v, mask, softmax_scale)
+    if causal and q.shape[1] == k.shape[1]:  # square causal: let SDPA pick its fused causal path
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    else:
+        out = _sdpa(q, k, v, mask, softmax_scale)
     if return_lse:
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
         rep = q.shape[2] // k.shape[2]

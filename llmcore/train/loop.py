@@ -1,0 +1,341 @@
+"""The one training loop, shared by every stage (pretrain, SFT, and later LoRA/DPO/distillation).
+
+    train(model, dataset, cfg, loss_fn=lm_loss, eval_dataset=None) -> history
+
+A stage is a loss function `loss_fn(model, batch) -> (loss, metrics)` (metrics: a dict of floats
+or 0-d tensors, averaged over the log interval) plus whatever it does to the model before calling
+train(). The loop owns everything else:
+
+- precision: cfg.dtype "bf16" (autocast, CPU and GPU), "fp16" (autocast + GradScaler), "fp32";
+  parameters and optimizer state stay fp32;
+- gradient accumulation (cfg.grad_accum micro-batches per optimizer step; each micro-batch loss is
+  divided by grad_accum, i.e. the step's loss is the mean of the micro-batch means), clipping,
+  AdamW with decay groups, warmup + cosine (llmcore.train.optim);
+- data order: a seeded permutation per epoch, split across ranks; its position (epoch, cursor) is
+  checkpointed so --resume continues with the very next batch;
+- a tqdm bar (loss, lr, tokens/s), tensorboard (if importable), wandb (if cfg.wandb and installed),
+  <out>/log.jsonl, periodic held-out eval loss, a loss-curve PNG at the end (if matplotlib);
+- checkpoints every cfg.save_every steps and at the end (llmcore.train.checkpoint), resume from the
+  latest one with resume=True: weights, optimizer, scaler, RNG, data position, step — the losses
+  after a resume equal those of an uninterrupted run;
+- torchrun: DDP over gloo (CPU) or NCCL (CUDA), gradients all-reduced on the last micro-batch only
+  (no_sync before), rank 0 logs and saves.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmcore.train import checkpoint as ckpt_mod
+from llmcore.train.optim import build_optimizer, lr_at
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    max_steps: int = 1000            # optimizer steps (the schedule's length)
+    batch_size: int = 8              # micro-batch per rank
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0           # 0 = off
+    dtype: str = "bf16"              # "bf16" | "fp16" | "fp32"
+    device: str = "cpu"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0              # 0 = only at the end (when an eval dataset is given)
+    eval_batches: int = 20
+    save_every: int = 0              # 0 = only at the end
+    keep_last: int = 2
+    stop_at_step: int = 0            # stop (and save) after this step without changing the schedule
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: str = ""                  # wandb project name; empty = off
+    plot: bool = True
+    extra_meta: dict = field(default_factory=dict)  # stored in each checkpoint's meta.json
+
+
+def lm_loss(model, batch):
+    """Next-token cross-entropy (the pretrain and SFT loss): batch has input_ids, labels, positions."""
+    _, loss = model(batch["input_ids"], positions=batch.get("positions"), labels=batch["labels"])
+    return loss, {}
+
+
+def default_collate(items):
+    """Stack a list of dicts of equal-shape tensors into a dict of batched tensors."""
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+class BatchStream:
+    """Deterministic, resumable batches: epoch e reads a permutation seeded by (seed, e), rank r takes
+    every world-th index of it, and the cursor counts micro-batches taken in the epoch. A tail too
+    short for a full micro-batch is skipped."""
+
+    def __init__(self, dataset, batch_size, seed=0, rank=0, world=1, collate=default_collate, shuffle=True):
+        self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+        self.collate, self.shuffle = collate, shuffle
+        self.epoch, self.cursor, self._order = 0, 0, None
+        self.per_epoch = (len(dataset) // world) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"dataset of {len(dataset)} items is too small for batch_size {batch_size} x {world} ranks")
+
+    def _indices(self):
+        if self._order is None:
+            n = len(self.dataset)
+            if self.shuffle:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            else:
+                order = torch.arange(n)
+            self._order = order[: (n // self.world) * self.world][self.rank::self.world].tolist()
+        return self._order
+
+    def next(self):
+        if self.cursor >= self.per_epoch:
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        idx = self._indices()[self.cursor * self.batch_size:(self.cursor + 1) * self.batch_size]
+        self.cursor += 1
+        return self.collate([self.dataset[i] for i in idx])
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, s):
+        self.epoch, self.cursor, self._order = s["epoch"], s["cursor"], None
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(device, dtype):
+    dev = torch.device(device).type
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def _dist_setup(device):
+    """(rank, world, device) — initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if torch.device(device).type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg, loss_fn=lm_loss, collate=default_collate, device=None):
+    """Mean loss over the first cfg.eval_batches batches of dataset (fixed order)."""
+    device = device or cfg.device
+    was = model.training
+    model.eval()
+    stream = BatchStream(dataset, min(cfg.batch_size, len(dataset)), collate=collate, shuffle=False)
+    total, n = 0.0, 0
+    for _ in range(min(cfg.eval_batches, stream.per_epoch)):
+        with _autocast(device, cfg.dtype):
+            loss, _ = loss_fn(model, _to(stream.next(), device))
+        total, n = total + float(loss), n + 1
+    model.train(was)
+    return total / max(n, 1)
+
+
+class _Loggers:
+    """tensorboard / wandb / log.jsonl on rank 0; all optional."""
+
+    def __init__(self, cfg, out, enabled, start_step):
+        self.tb = self.wb = None
+        self.path, self.enabled = out / "log.jsonl", enabled
+        if not enabled:
+            return
+        if self.path.exists():  # keep the history up to the resumed step only
+            rows = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                pass
+        if cfg.wandb:
+            try:
+                import wandb
+                self.wb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow")
+            except ImportError:
+                print("wandb is not installed; logging to tensorboard/log.jsonl only")
+
+    def log(self, step, row):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+        for k, v in row.items():
+            if self.tb is not None:
+                self.tb.add_scalar(k, v, step)
+        if self.wb is not None:
+            self.wb.log(row, step=step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def plot_losses(log_path, png_path):
+    """Loss curve (train, and eval when present) from log.jsonl; needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l]
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, collate=default_collate,
+          resume=False, after_step=None):
+    """Train `model` on `dataset` (indexable; items are dicts of tensors) for cfg.max_steps optimizer
+    steps. after_step(step, model) runs after each optimizer step (e.g. MoE bias updates).
+    Returns {"losses": [(step, loss)], "eval": [(step, loss)], "step", "tokens", "seconds"}."""
+    rank, world, device = _dist_setup(cfg.device)
+    is_main = rank == 0
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    raw = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in str(device) else None)
+    opt = build_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.betas)
+    dev_type = torch.device(device).type
+    scaler = torch.amp.GradScaler(dev_type) if cfg.dtype == "fp16" else None
+    data = BatchStream(dataset, cfg.batch_size, cfg.seed, rank, world, collate)
+    out = Path(cfg.out_dir)
+    step, tokens = 0, 0
+    if resume:
+        last = ckpt_mod.latest_checkpoint(out)
+        if last is not None:
+            ckpt_mod.load_weights(raw, last)
+            st = ckpt_mod.load_train_state(last, opt, scaler)
+            step, tokens = st["step"], ckpt_mod.load_meta(last).get("tokens", 0)
+            data.load_state_dict(st["data"])
+            if is_main:
+                print(f"resumed from {last} (step {step}, {tokens} tokens)")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    loggers = _Loggers(cfg, out, is_main, step)
+    end = cfg.max_steps if not cfg.stop_at_step else min(cfg.max_steps, cfg.stop_at_step)
+    bar = None
+    if is_main and cfg.progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, desc=out.name)
+        except ImportError:
+            pass
+    history = {"losses": [], "eval": []}
+    meta = lambda: {"tokens": tokens, "train_config": dataclasses.asdict(cfg), **cfg.extra_meta}  # noqa: E731
+
+    def save():
+        if is_main:
+            ckpt_mod.save_checkpoint(out, step, raw, opt, scaler, data.state_dict(), meta(), cfg.keep_last)
+        if world > 1:
+            dist.barrier()
+
+    model.train()
+    t0 = t_log = time.perf_counter()
+    tok_log, acc_loss, acc_metrics, n_acc = 0, 0.0, {}, 0
+    while step < end:
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = _to(data.next(), device)
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else model.no_sync()), _autocast(device, cfg.dtype):
+                loss, metrics = loss_fn(model, batch)
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            step_loss += loss.detach().float() / cfg.grad_accum
+            for k, v in metrics.items():
+                acc_metrics[k] = acc_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+            n_tok = batch["input_ids"].numel() * world
+            tokens += n_tok
+            tok_log += n_tok
+        if scaler is not None:
+            scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if after_step is not None:
+            after_step(step, raw)
+        if world > 1:  # the logged loss is the mean over ranks
+            dist.all_reduce(step_loss)
+            step_loss /= world
+        loss_val = float(step_loss)
+        history["losses"].append((step, loss_val))
+        acc_loss, n_acc = acc_loss + loss_val, n_acc + 1
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.log_every == 0 or step == end:
+            now = time.perf_counter()
+            tps = tok_log / max(now - t_log, 1e-9)
+            row = {"loss": acc_loss / n_acc, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tps, "tokens": tokens,
+                   **{k: v / n_acc for k, v in acc_metrics.items()}}
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            loggers.log(step, row)
+            t_log, tok_log, acc_loss, acc_metrics, n_acc = now, 0, 0.0, {}, 0
+        do_eval = eval_dataset is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
+        if do_eval and is_main:
+            ev = evaluate(raw, eval_dataset, cfg, loss_fn, collate, device)
+            history["eval"].append((step, ev))
+            loggers.log(step, {"eval_loss": ev})
+            if bar is not None:
+                bar.write(f"step {step}: eval loss {ev:.4f}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == end:
+            save()
+    if bar is not None:
+        bar.close()
+    loggers.close()
+    if is_main and cfg.plot and (out / "log.jsonl").exists():
+        plot_losses(out / "log.jsonl", out / "loss.png")
+    history.update(step=step, tokens=tokens, seconds=time.perf_counter() - t0)
+    return history
