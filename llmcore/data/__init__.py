@@ -7,4 +7,5 @@
 - `datasets`: torch Datasets over those shards (imported on demand: it imports torch).
 """
 from llmcore.data.corpus import score_answer, write_default_corpus  # noqa: F401
+from llmcore.data.prep import prepare_default_data, prepare_dpo, prepare_pretrain, prepare_sft  # noqa: F401
 from llmcore.data.tokenizer import Tokenizer, train_tokenizer  # noqa: F401

@@ -26,8 +26,9 @@ an assistant turn) are reported as `path:line: reason`. strict=True (default) ra
 on the first one; strict=False skips them and counts them in the returned stats ("num_bad",
 "bad_examples"). Blank lines are ignored silently.
 
-Work is spread over `num_workers` processes (spawned, each loading the tokenizer once); results
-come back in file order, so the output is deterministic whatever the worker count.
+Work is spread over `num_workers` processes (forked on Linux, spawned elsewhere; each holds the
+tokenizer); results come back in file order, so the output is identical whatever the worker count.
+Inputs under MIN_BYTES_FOR_POOL (256 KiB) are done in-process (a pool would cost more than it saves).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ import numpy as np
 
 from llmcore.data.tokenizer import IM_END, ROLES, Tokenizer, render_chat
 
-CHUNK_LINES = 1024
+CHUNK_LINES = 1024  # lines per unit of work
+MIN_BYTES_FOR_POOL = 256 * 1024  # smaller inputs are tokenized in-process
 _VALID_ROLES = set(ROLES)
 
 
@@ -208,6 +210,28 @@ def _read_chunks(paths: Sequence[Path]):
         yield chunk, nbytes
 
 
+def _make_pool(num_workers: int, tok: Tokenizer):
+    """A process pool whose workers each hold the tokenizer.
+
+    fork on Linux: it needs no `if __name__ == "__main__"` guard in the calling script (spawn
+    re-imports the main module), and the workers touch only numpy and tokenizers, never torch.
+    TOKENIZERS_PARALLELISM is set to false while forking so the children do not warn that the
+    parent already used the Rust thread pool; the parent's setting is restored right after.
+    Elsewhere (macOS, Windows): spawn.
+    """
+    if sys.platform.startswith("linux"):
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            return mp.get_context("fork").Pool(num_workers, initializer=_worker_init, initargs=(tok.to_str(),))
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+    return mp.get_context("spawn").Pool(num_workers, initializer=_worker_init, initargs=(tok.to_str(),))
+
+
 def _run_chunks(kind: str, paths: Sequence[Path], tok: Tokenizer, num_workers: int, progress: bool, desc: str):
     """Iterate (results, bad) per chunk in file order, over `num_workers` spawned processes."""
     total = sum(os.path.getsize(p) for p in paths)
@@ -217,14 +241,13 @@ def _run_chunks(kind: str, paths: Sequence[Path], tok: Tokenizer, num_workers: i
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
     try:
-        if num_workers <= 1:
+        if num_workers <= 1 or total < MIN_BYTES_FOR_POOL:
             for chunk, nb in _read_chunks(paths):
                 yield _work(kind, chunk, tok)
                 if bar is not None:
                     bar.update(nb)
             return
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(num_workers, initializer=_worker_init, initargs=(tok.to_str(),)) as pool:
+        with _make_pool(num_workers, tok) as pool:
             pending = collections.deque()
             chunks = _read_chunks(paths)
             done = False
@@ -400,11 +423,12 @@ def prepare_default_data(workdir, seed: int = 0, size: str = "small", vocab_size
     Returns {"corpus": {name: path}, "tokenizer": Tokenizer, "tokenizer_dir", "<split>": shard dir,
     "seconds": {...}}.
     """
-    from llmcore.data.corpus import write_default_corpus
+    from llmcore.data.corpus import CORPUS_VERSION, write_default_corpus
     from llmcore.data.tokenizer import train_tokenizer
 
     work = Path(workdir)
-    stamp = {"seed": seed, "size": size, "vocab_size": vocab_size, "format": "llmcore-default-v1"}
+    stamp = {"seed": seed, "size": size, "vocab_size": vocab_size, "corpus_version": CORPUS_VERSION,
+             "format": "llmcore-default-v1"}
     stamp_path = work / "default_data.json"
     if not force and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         corpus = {p.stem: p for p in sorted((work / "corpus").glob("*.jsonl"))}

@@ -106,7 +106,11 @@ def test_prepare_sft_matches_encode(tok, tmp_path):
         assert mask[docs[d]:docs[d + 1]].tolist() == m.tolist()
 
 
-def test_workers_give_identical_shards(tok, tiny_corpus, tmp_path):
+def test_workers_give_identical_shards(tok, tiny_corpus, tmp_path, monkeypatch):
+    import llmcore.data.prep as prep
+
+    monkeypatch.setattr(prep, "CHUNK_LINES", 37)  # many chunks, and a pool even for small files
+    monkeypatch.setattr(prep, "MIN_BYTES_FOR_POOL", 0)
     one = prepare_sft([tiny_corpus["sft"], tiny_corpus["reason"]], tok, tmp_path / "one", num_workers=1, progress=False)
     two = prepare_sft([tiny_corpus["sft"], tiny_corpus["reason"]], tok, tmp_path / "two", num_workers=2, progress=False)
     assert one["num_tokens"] == two["num_tokens"] > 0
@@ -198,3 +202,30 @@ def test_prepare_dpo(tok, tmp_path):
 def test_missing_input(tok, tmp_path):
     with pytest.raises(FileNotFoundError):
         prepare_pretrain([tmp_path / "nope.jsonl"], tok, tmp_path / "o", progress=False)
+
+
+def test_prepare_default_data_and_reuse(tmp_path):
+    from llmcore.data.datasets import DPODataset, PackedPretrainDataset, SFTDataset
+    from llmcore.data.prep import prepare_default_data
+
+    r = prepare_default_data(tmp_path, size="tiny", num_workers=1, progress=False)
+    assert set(r["corpus"]) == {"pretrain", "sft", "dpo", "reason", "eval", "eval_dpo", "eval_reason"}
+    assert len(PackedPretrainDataset(r["pretrain"], 64)) > 0
+    assert len(SFTDataset(r["sft"], 64)) == 200 and len(SFTDataset(r["reason"], 64)) > 0
+    assert len(DPODataset(r["dpo"], 64)) == 50 and len(DPODataset(r["eval_dpo"], 64)) == 10
+    for k in ("pretrain", "sft", "reason", "dpo"):
+        assert read_meta(r[k])["tokenizer_hash"] == r["tokenizer"].hash
+    mtime = (r["pretrain"] / "tokens.bin").stat().st_mtime_ns
+    again = prepare_default_data(tmp_path, size="tiny", num_workers=1, progress=False)
+    assert again["seconds"] == {} and again["tokenizer"].hash == r["tokenizer"].hash
+    assert (r["pretrain"] / "tokens.bin").stat().st_mtime_ns == mtime
+
+
+def test_train_tokenizer_cli(tiny_corpus, tmp_path, capsys):
+    from llmcore.data.tokenizer import Tokenizer
+    from scripts.train_tokenizer import main
+
+    main(["--data", str(tiny_corpus["sft"]), "--vocab-size", "500", "--out", str(tmp_path / "t")])
+    t = Tokenizer.load(tmp_path / "t")
+    assert t.vocab_size <= 500 and t.token_to_id("<|im_end|>") == 2
+    assert "trained" in capsys.readouterr().out
