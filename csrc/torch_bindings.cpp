@@ -24,6 +24,12 @@ TORCH_LIBRARY(llmcore, m) {
 
 
   // ---- nf4 ----
+  // absmax[b] = max|w| over block b of the flat w; packed[i/2] nibble = argmin_k |NF4[k] - w_i/absmax| (high nibble first)
+  m.def("nf4_quantize_fwd(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)");
+  // offset = mean(absmax); qabsmax = nearest code2 index of (absmax - offset) / absmax2, absmax2 = max|.| per 256
+  m.def("nf4_double_quant_fwd(Tensor absmax, Tensor code2) -> (Tensor qabsmax, Tensor absmax2, Tensor offset)");
+  // out_i = NF4[q_i] * a_b, a_b = absmax[b] or code2[qabsmax[b]] * absmax2[b / 256] + offset (double quant)
+  m.def("nf4_dequantize_fwd(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, int blocksize, int[] shape, ScalarType dtype) -> Tensor");
 
 
 }
