@@ -21,6 +21,16 @@ TORCH_LIBRARY(llmcore, m) {
 
 
   // ---- moe ----
+  // s = softmax|sigmoid(logits); ids = top_k of s + bias (ties -> lower id); weights = s[ids] (/ sum if renormalize)
+  m.def("moe_route_fwd(Tensor router_logits, int top_k, str score, bool renormalize, Tensor? bias) -> (Tensor topk_weights, Tensor topk_ids)");
+  // dlogits from dweights through the (renormalized) softmax|sigmoid scores of the selected experts
+  m.def("moe_route_bwd(Tensor dweights, Tensor router_logits, Tensor topk_ids, str score, bool renormalize) -> Tensor");
+  // stable counting sort of (token, slot) pairs by expert: x_permuted[row_map[t, s]] = x[t]
+  m.def("moe_dispatch_fwd(Tensor x, Tensor topk_ids, int num_experts) -> (Tensor x_permuted, Tensor tokens_per_expert, Tensor offsets, Tensor row_map)");
+  // y[t] = sum_s w[t, s] * y_permuted[row_map[t, s]]  (w None: weights 1; this is also dispatch's bwd)
+  m.def("moe_combine_fwd(Tensor y_permuted, Tensor? topk_weights, Tensor row_map, int num_tokens) -> Tensor");
+  // dy_permuted[row_map[t, s]] = w[t, s] * dy[t];  dweights[t, s] = dot(dy[t], y_permuted[row_map[t, s]])
+  m.def("moe_combine_bwd(Tensor dy, Tensor y_permuted, Tensor topk_weights, Tensor row_map) -> (Tensor dy_permuted, Tensor dweights)");
 
 
   // ---- nf4 ----

@@ -3,5 +3,5 @@ from llmcore.nn.attention import Attention, AttnMeta  # noqa: F401
 from llmcore.nn.mlp import MLP  # noqa: F401
 from llmcore.nn.norm import RMSNorm  # noqa: F401
 from llmcore.nn.rotary import Rotary  # noqa: F401
-from llmcore.nn._pending_ops import MoEFeedForward  # noqa: F401  TODO(merge moe): from llmcore.nn.moe import MoEFeedForward
 from llmcore.nn.nf4_linear import NF4Linear  # noqa: F401
+from llmcore.nn.moe import MoEFeedForward  # noqa: F401

@@ -7,3 +7,4 @@ baseline. The C++/CUDA side of op <op> is in csrc/ops/<op>/.
 from llmcore.ops._lib import get_backend, set_backend  # noqa: F401  (loads the extension)
 from llmcore.ops.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference  # noqa: F401
 from llmcore.ops.nf4 import NF4Weight, nf4_dequantize, nf4_dequantize_reference, nf4_quantize, nf4_quantize_reference  # noqa: F401
+from llmcore.ops.moe import (moe_aux_loss, moe_bias_update_, moe_combine, moe_combine_reference, moe_dispatch, moe_dispatch_reference, moe_route, moe_route_reference)  # noqa: F401

@@ -1,0 +1,286 @@
+"""Compute / memory / time planner for llmcore models (dense and MoE).
+
+Everything here is closed-form arithmetic on a model config: no model is built. The formulas are
+written out so they can be checked by hand, and `tests/interop/test_plan.py` checks them against the
+real model (exact parameter count; measured training memory within a stated tolerance).
+
+Parameters (no biases anywhere, tied embeddings unless `tie_word_embeddings=False`):
+    embed            V·d
+    per layer        attn  d·(H·hd) [wq] + 2·d·(Hkv·hd) [wk, wv] + (H·hd)·d [wo]
+                     norms 2·d
+                     dense FFN  3·d·F                       (w_gate, w_up, w_down)
+                     MoE FFN    d·E [router] + E·3·d·Fe + S·3·d·Fs   (E routed, S shared experts)
+    final norm       d
+    lm_head          V·d when untied, else 0
+  active (per token, MoE): routed experts counted k times (top-k) instead of E times.
+
+FLOPs per token for training (PaLM appendix B convention, used for MFU):
+    6·N_matmul + 12·L·H·hd·T
+  N_matmul = active parameters that take part in matmuls (everything except norms and the embedding
+  lookup; the tied lm_head matmul counts once). The attention term counts QK^T and PV over the full
+  T×T square (no causal halving), forward + backward = 3× forward, 2 FLOPs per multiply-add.
+  Inference (forward only) is a third of it.
+
+Training memory (bytes), per data-parallel rank of `world` ranks:
+    weights  N·w_bytes      grads  N·g_bytes      optimizer  N·o_bytes   (AdamW: m and v)
+  precision presets (bytes per parameter for weights / grads / optimizer states):
+    fp32        4 / 4 / 8          autocast-bf16 (fp32 master weights, torch.autocast) 4 / 4 / 8
+    bf16        2 / 2 / 4  (pure bf16 params, grads and Adam states)
+    bf16-mixed  2 / 2 / 12 (bf16 weights + grads, fp32 master copy and fp32 m, v in the optimizer)
+  sharding (ZeRO stages / FSDP): 0 = plain DDP (everything replicated); 1 = optimizer states / world;
+  2 = + grads / world; 3 (= FSDP full shard) = + weights / world.
+  Activations (saved for backward) per micro-batch of B sequences of T tokens, element size `a`
+  (2 for bf16/fp16 compute, 4 for fp32), flash attention (no T×T score matrix is kept):
+    per layer, per token   a·(4·d + 2·H·hd + 2·Hkv·hd + 3·F_act) + 4·(H + 2)
+      4·d: inputs and outputs of the two RMSNorms (the outputs feed the projections),
+      2·H·hd: q and the attention output, 2·Hkv·hd: k and v, 3·F_act: gate, up and silu(gate)·up
+      (F_act = F for a dense layer, k·Fe + S·Fs per token for MoE, plus its router logits),
+      fp32: the attention log-sum-exp (H) and the two rstd values.
+    final                  a·2·d + 4·V·2   (final norm in/out; fp32 logits and their softmax
+                                            for the cross-entropy)
+  Activation checkpointing of every layer keeps only each layer's input: a·d per layer per token.
+
+Time: tokens · flops_per_token / (MFU · peak_flops(gpu, precision) · n_gpus).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# Dense peak tensor-core throughput (FLOP/s, no sparsity) from vendor datasheets.
+GPUS: dict[str, dict[str, float]] = {
+    "H100-SXM": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12, "mem_gib": 80},
+    "H100-PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12, "tf32": 378e12, "mem_gib": 80},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12, "mem_gib": 141},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "mem_gib": 80},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12, "tf32": 62.5e12, "mem_gib": 24},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12, "tf32": 60e12, "mem_gib": 24},
+    "RTX-4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12, "tf32": 82.6e12, "mem_gib": 24},
+    "RTX-3090": {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12, "tf32": 35.6e12, "mem_gib": 24},
+    "T4": {"bf16": 65e12, "fp16": 65e12, "fp32": 8.1e12, "tf32": 8.1e12, "mem_gib": 16},
+}
+
+# bytes per parameter: (weights, grads, optimizer states) and activation element size
+PRECISIONS: dict[str, tuple[int, int, int, int]] = {
+    "fp32": (4, 4, 8, 4),
+    "autocast-bf16": (4, 4, 8, 2),
+    "bf16": (2, 2, 4, 2),
+    "bf16-mixed": (2, 2, 12, 2),
+}
+
+
+@dataclasses.dataclass
+class Arch:
+    """The numbers the planner needs, read from any llmcore/HF-style config."""
+
+    vocab: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int  # dense FFN hidden size
+    tied: bool = True
+    n_experts: int = 0  # routed experts (0 = dense)
+    n_shared: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+    max_seq_len: int = 512
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
+
+
+def _get(cfg: Any, names: tuple[str, ...], default: Any = None) -> Any:
+    for n in names:
+        if isinstance(cfg, dict) and n in cfg:
+            return cfg[n]
+        if not isinstance(cfg, dict) and hasattr(cfg, n):
+            return getattr(cfg, n)
+    return default
+
+
+def arch_from_config(cfg: Any) -> Arch:
+    """Reads an llmcore ModelConfig (or a dict / HF config with the usual field names)."""
+    if isinstance(cfg, Arch):
+        return cfg
+    dim = int(_get(cfg, ("dim", "hidden_size", "d_model")))
+    n_heads = int(_get(cfg, ("n_heads", "num_attention_heads")))
+    n_kv = int(_get(cfg, ("n_kv_heads", "num_key_value_heads"), n_heads) or n_heads)
+    head_dim = int(_get(cfg, ("head_dim",), None) or dim // n_heads)
+    ffn = int(_get(cfg, ("ffn_dim", "hidden_dim", "intermediate_size", "ffn_hidden"), 0) or 0)
+    n_exp = int(_get(cfg, ("n_experts", "n_routed_experts", "num_experts"), 0) or 0)
+    if not _get(cfg, ("use_moe", "moe"), n_exp > 0):
+        n_exp = 0
+    top_k = int(_get(cfg, ("top_k", "moe_top_k", "num_experts_per_tok"), 0) or 0)
+    efn = int(_get(cfg, ("expert_ffn_dim", "moe_ffn_dim", "moe_intermediate_size", "expert_dim"), 0) or ffn)
+    n_sh = int(_get(cfg, ("n_shared_experts", "n_shared"), 0) or 0)
+    sfn = int(_get(cfg, ("shared_ffn_dim", "shared_expert_intermediate_size"), 0) or efn)
+    return Arch(
+        vocab=int(_get(cfg, ("vocab_size", "vocab"))),
+        dim=dim,
+        n_layers=int(_get(cfg, ("n_layers", "num_hidden_layers"))),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        ffn=ffn,
+        tied=bool(_get(cfg, ("tie_embeddings", "tie_word_embeddings", "tied"), True)),
+        n_experts=n_exp,
+        n_shared=n_sh if n_exp else 0,
+        top_k=top_k if n_exp else 0,
+        expert_ffn=efn if n_exp else 0,
+        shared_ffn=sfn if n_exp else 0,
+        max_seq_len=int(_get(cfg, ("max_seq_len", "max_position_embeddings", "seq_len"), 512)),
+    )
+
+
+def param_counts(a: Arch) -> dict[str, int]:
+    """total / active / embedding / per-part parameter counts."""
+    d, hd = a.dim, a.head_dim
+    attn = d * a.n_heads * hd * 2 + d * a.n_kv_heads * hd * 2
+    norms = 2 * d
+    if a.moe:
+        router = d * a.n_experts
+        routed = a.n_experts * 3 * d * a.expert_ffn
+        shared = a.n_shared * 3 * d * a.shared_ffn
+        ffn_total = router + routed + shared
+        ffn_active = router + a.top_k * 3 * d * a.expert_ffn + shared
+    else:
+        ffn_total = ffn_active = 3 * d * a.ffn
+    embed = a.vocab * d
+    head = 0 if a.tied else a.vocab * d
+    total = embed + head + d + a.n_layers * (attn + norms + ffn_total)
+    active = embed + head + d + a.n_layers * (attn + norms + ffn_active)
+    # parameters taking part in matmuls per token (norms and the embedding gather excluded;
+    # the lm_head matmul uses V·d weights whether tied or not)
+    matmul_active = a.vocab * d + a.n_layers * (attn + ffn_active)
+    return dict(total=total, active=active, embedding=embed, lm_head=head, attention=a.n_layers * attn,
+                ffn=a.n_layers * ffn_total, norms=a.n_layers * norms + d, matmul_active=matmul_active)
+
+
+def flops_per_token(a: Arch, seq_len: int, training: bool = True) -> dict[str, float]:
+    """Training (fwd+bwd) or inference (fwd) FLOPs per token; see the module docstring."""
+    p = param_counts(a)
+    mult = 6 if training else 2
+    dense = mult * p["matmul_active"]
+    attn = (mult * 2) * a.n_layers * a.n_heads * a.head_dim * seq_len
+    return dict(params=float(dense), attention=float(attn), total=float(dense + attn))
+
+
+def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, checkpointing: bool = False) -> int:
+    """Bytes saved for backward in one micro-batch (see the module docstring)."""
+    d = a.dim
+    tokens = batch * seq_len
+    if checkpointing:
+        per_layer = act_bytes * d
+    else:
+        if a.moe:
+            f_act = a.top_k * a.expert_ffn + a.n_shared * a.shared_ffn
+            extra = 4 * a.n_experts  # router logits/probabilities in fp32
+        else:
+            f_act, extra = a.ffn, 0
+        per_layer = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
+            + 4 * (a.n_heads + 2) + extra
+    final = act_bytes * 2 * d + 4 * a.vocab * 2
+    return int(tokens * (a.n_layers * per_layer + final))
+
+
+def memory_bytes(a: Arch, precision: str = "autocast-bf16", zero: int = 0, world: int = 1, batch: int = 1,
+                 seq_len: int | None = None, checkpointing: bool = False) -> dict[str, int]:
+    """Per-rank training memory: weights, grads, optimizer states (AdamW), activations, total."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3 (3 = FSDP full shard), got {zero}")
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    wb, gb, ob, ab = PRECISIONS[precision]
+    n = param_counts(a)["total"]
+    weights, grads, opt = n * wb, n * gb, n * ob
+    if zero >= 1:
+        opt = math.ceil(opt / world)
+    if zero >= 2:
+        grads = math.ceil(grads / world)
+    if zero >= 3:
+        weights = math.ceil(weights / world)
+    act = activation_bytes(a, batch, seq_len or a.max_seq_len, ab, checkpointing)
+    return dict(weights=weights, grads=grads, optimizer=opt, activations=act,
+                total=weights + grads + opt + act)
+
+
+def train_time_s(a: Arch, tokens: float, gpu: str = "H100-SXM", mfu: float = 0.4, n_gpus: int = 1,
+                 precision: str = "bf16", seq_len: int | None = None) -> float:
+    """Seconds to train on `tokens` tokens at model-FLOPs-utilization `mfu` on `n_gpus` of `gpu`."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    key = "bf16" if precision in ("bf16", "autocast-bf16", "bf16-mixed") else precision
+    peak = GPUS[gpu][key if key in GPUS[gpu] else "fp32"]
+    f = flops_per_token(a, seq_len or a.max_seq_len)["total"]
+    return tokens * f / (mfu * peak * n_gpus)
+
+
+def plan(cfg: Any, tokens: float = 1e9, gpu: str = "H100-SXM", mfu: float = 0.4, n_gpus: int = 1,
+         precision: str = "autocast-bf16", zero: int = 0, batch: int = 16, seq_len: int | None = None,
+         checkpointing: bool = False) -> dict[str, Any]:
+    """Everything at once, as a dict (what scripts/plan.py prints)."""
+    a = arch_from_config(cfg)
+    T = seq_len or a.max_seq_len
+    return dict(
+        arch=dataclasses.asdict(a),
+        params=param_counts(a),
+        flops_per_token=flops_per_token(a, T),
+        memory={z: memory_bytes(a, precision, z, n_gpus, batch, T, checkpointing) for z in sorted({0, zero})},
+        memory_by_precision={p: memory_bytes(a, p, zero, n_gpus, batch, T, checkpointing) for p in PRECISIONS},
+        train_time_s=train_time_s(a, tokens, gpu, mfu, n_gpus, precision, T),
+        inputs=dict(tokens=tokens, gpu=gpu, mfu=mfu, n_gpus=n_gpus, precision=precision, zero=zero, batch=batch,
+                    seq_len=T, checkpointing=checkpointing),
+    )
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(b) < 1024 or unit == "TiB":
+            return f"{b:.1f} {unit}" if unit != "B" else f"{int(b)} B"
+        b /= 1024
+    return str(b)
+
+
+def _fmt_time(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.2f} h"
+    return f"{s / 86400:.2f} days"
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """Human-readable report."""
+    a, pc, fl, inp = p["arch"], p["params"], p["flops_per_token"], p["inputs"]
+    lines = [
+        f"model: dim={a['dim']} layers={a['n_layers']} heads={a['n_heads']}/{a['n_kv_heads']} "
+        f"head_dim={a['head_dim']} ffn={a['ffn']} vocab={a['vocab']}"
+        + (f" experts={a['n_experts']}+{a['n_shared']} shared top-{a['top_k']} expert_ffn={a['expert_ffn']}"
+           if a["n_experts"] else ""),
+        f"parameters: total {pc['total']:,} ({pc['total'] / 1e6:.2f} M)  active/token {pc['active']:,}  "
+        f"embedding {pc['embedding']:,}",
+        f"training FLOPs/token at T={inp['seq_len']}: {fl['total'] / 1e6:.1f} MFLOP "
+        f"(6N {fl['params'] / 1e6:.1f} + attention {fl['attention'] / 1e6:.1f})",
+        f"time for {inp['tokens']:.3g} tokens on {inp['n_gpus']}x {inp['gpu']} at MFU {inp['mfu']:.0%}: "
+        f"{_fmt_time(p['train_time_s'])}",
+        f"memory per rank (batch {inp['batch']} x {inp['seq_len']}, world {inp['n_gpus']}, AdamW"
+        f"{', checkpointing' if inp['checkpointing'] else ''}):",
+        f"  {'precision':<14} {'ZeRO':>4} {'weights':>11} {'grads':>11} {'optimizer':>11} {'activations':>12} {'total':>11}",
+    ]
+    rows = [(inp["precision"], z, m) for z, m in p["memory"].items()]
+    rows += [(prec, inp["zero"], m) for prec, m in p["memory_by_precision"].items() if prec != inp["precision"]]
+    for prec, z, m in rows:
+        lines.append(f"  {prec:<14} {z:>4} {_fmt_bytes(m['weights']):>11} {_fmt_bytes(m['grads']):>11} "
+                     f"{_fmt_bytes(m['optimizer']):>11} {_fmt_bytes(m['activations']):>12} {_fmt_bytes(m['total']):>11}")
+    return "\n".join(lines)
