@@ -27,6 +27,9 @@ def quantize_linears(model, targets=DEFAULT_TARGETS, blocksize: int = 64, double
                                           compute_dtype=compute_dtype)
                 for p in q.parameters():
                     p.requires_grad_(False)
+                for bname, b in list(q.named_buffers(recurse=False)):
+                    if b is not None:  # nf4_quantize shares one code table between weights; safetensors
+                        setattr(q, bname, b.clone())  # refuses shared storage in a checkpoint
                 setattr(mod, attr, q)
     return model
 

@@ -46,17 +46,12 @@ def is_formatted(text: str) -> bool:
     return FORMAT.match(text) is not None
 
 
-@torch.no_grad()
 def greedy_reply(model, tok, messages, max_new_tokens: int = 96, device="cpu"):
-    """Greedy decoding of one assistant reply (no cache: eval helper for tiny models), until <|im_end|>."""
-    ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True)], device=device)
-    out = []
-    for _ in range(max_new_tokens):
-        nxt = int(model(ids)[0, -1].argmax())
-        if nxt == tok.eos_id:
-            break
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], 1)
+    """Greedy (temperature 0) KV-cache decoding of one assistant reply, until <|im_end|>."""
+    from llmcore.model.generate import generate
+
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    out = generate(model, [ids], max_new_tokens, temperature=0.0, stop_tokens=(tok.eos_id,))[0]
     return tok.decode(out)
 
 

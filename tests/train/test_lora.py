@@ -1,4 +1,5 @@
 """LoRA / QLoRA: PEFT's numerics and file format, against peft on the HF Llama form of our weights."""
+import copy
 import json
 
 import pytest
@@ -17,32 +18,13 @@ def small_model(seed=0, **kw):
     return build_model(get_config("tiny", **{**CFG, **kw})).eval()
 
 
-def to_hf(model):
-    """Our weights as a transformers LlamaForCausalLM (the local twin of llmcore.export.hf's mapping:
-    same RoPE half-split layout, tied embeddings)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def to_hf(model, out_dir):
+    """The HF LlamaForCausalLM export of our weights (llmcore.export.hf), loaded back by transformers."""
+    from transformers import LlamaForCausalLM
 
-    c = model.cfg
-    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden,
-                         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-                         head_dim=c.head_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                         max_position_embeddings=c.max_seq_len, tie_word_embeddings=True, hidden_act="silu",
-                         attention_bias=False, mlp_bias=False)
-    hf = LlamaForCausalLM(hf_cfg).eval()
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.embed.weight}
-    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
-    for i, layer in enumerate(model.layers):
-        sd[f"model.layers.{i}.input_layernorm.weight"] = layer.attn_norm.weight
-        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.mlp_norm.weight
-        for ours, theirs in names.items():
-            mod = getattr(layer.attn if ours.startswith("w") and ours in ("wq", "wk", "wv", "wo") else layer.mlp, ours)
-            w = mod.base_layer.weight if isinstance(mod, LoRALinear) else mod.weight
-            sd[f"model.layers.{i}.{theirs}.weight"] = w
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf
+    from llmcore.export.hf import export_hf
+
+    return LlamaForCausalLM.from_pretrained(str(export_hf(model, out_dir))).eval()
 
 
 def randomize_adapters(model, seed=1):
@@ -104,7 +86,7 @@ def test_disable_adapters_gives_base():
 def test_matches_peft_on_hf_export(tmp_path, rslora):
     peft = pytest.importorskip("peft")
     model = small_model()
-    hf = to_hf(model)
+    hf = to_hf(model, tmp_path / "hf")
     ids = torch.randint(0, 97, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)  # the base mapping holds
@@ -152,3 +134,69 @@ def test_save_load_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(other(ids), model(ids), rtol=0, atol=0)
     assert set(lora_state_dict(other)) == set(lora_state_dict(model))
+
+
+# ---- QLoRA -------------------------------------------------------------------------------------
+
+def _dequantized_twin(qmodel, like):
+    """`like` with every NF4Linear's dequantized fp32 weight copied into the matching nn.Linear."""
+    from llmcore.nn import NF4Linear
+
+    twin = copy.deepcopy(like)
+    mods = dict(twin.named_modules())
+    with torch.no_grad():
+        for name, m in qmodel.named_modules():
+            if isinstance(m, NF4Linear):
+                mods[name.replace(".base_layer", "")].weight.copy_(m.weight_dequantized(torch.float32))
+    return twin
+
+
+def test_qlora_forward_within_nf4_tolerance():
+    from llmcore.nn import NF4Linear
+    from llmcore.train.lora import quantize_linears
+
+    model = small_model()
+    q = quantize_linears(copy.deepcopy(model), compute_dtype=torch.float32)
+    assert sum(isinstance(m, NF4Linear) for m in q.modules()) == 14
+    assert all(not p.requires_grad for m in q.modules() if isinstance(m, NF4Linear) for p in m.parameters())
+    twin = _dequantized_twin(q, model)
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref, out, full = twin(ids), q(ids), model(ids)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)  # NF4Linear == its dequantized weight
+        # and within NF4's quantization error of the unquantized model (measured ~0.05 relative)
+        rel = float((out - full).norm() / full.norm())
+        assert rel < 0.15, rel
+        # with adapters (bf16 compute, fp32 adapters): the dequantized-twin + LoRA model, at bf16 tolerance
+        qb = quantize_linears(copy.deepcopy(model), compute_dtype=torch.bfloat16)
+        apply_lora(qb, r=4, alpha=8)
+        randomize_adapters(qb)
+        tw = apply_lora(_dequantized_twin(qb, model), r=4, alpha=8)
+        tw_mods = dict(tw.named_modules())
+        for name, m in qb.named_modules():
+            if isinstance(m, LoRALinear):
+                tw_mods[name].lora_A.weight.copy_(m.lora_A.weight)
+                tw_mods[name].lora_B.weight.copy_(m.lora_B.weight)
+        a, b = qb(ids).float(), tw(ids)
+        assert float((a - b).norm() / b.norm()) < 0.03
+
+
+def test_qlora_trains_on_cpu(tmp_path):
+    from llmcore.nn import NF4Linear
+    from llmcore.train.loop import TrainConfig
+    from llmcore.train.lora import prepare_lora, train_lora
+
+    model = prepare_lora(small_model(), r=8, alpha=16, qlora=True)
+    data0 = {n: b.clone() for n, b in model.named_buffers() if "weight_data" in n}
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 60, (16,), generator=g).tolist()
+    seqs = [torch.arange(a, a + 24) % 60 + 3 for a in starts]  # learnable: count up
+    ds = [{"input_ids": s, "labels": s} for s in seqs]
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=30, batch_size=4, lr=1e-2, warmup_steps=0, dtype="bf16",
+                      progress=False, tensorboard=False, plot=False, log_every=10)
+    hist = train_lora(model, ds, cfg)
+    first, last = hist["losses"][0][1], hist["losses"][-1][1]
+    assert last < 0.9 * first, (first, last)  # measured 4.59 -> 3.61 (0.79)
+    assert all(torch.equal(b, data0[n]) for n, b in model.named_buffers() if n in data0)  # base untouched
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

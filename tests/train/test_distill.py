@@ -1,0 +1,40 @@
+"""Knowledge distillation: the same small student, same steps and data, KD vs CE only."""
+import torch
+
+from llmcore.model import build_model
+from llmcore.train.chatdata import ChatDataset, pad_collate, read_jsonl
+from llmcore.train.distill import teacher_kl, train_distill
+
+from .conftest import SEQ, quick_cfg, tiny_config
+
+STEPS = 120
+
+
+@torch.no_grad()
+def token_accuracy(model, ds):
+    model.eval()
+    b = pad_collate([ds[i] for i in range(len(ds))])
+    pred = model(b["input_ids"])[:, :-1].argmax(-1)
+    y = b["labels"][:, 1:]
+    m = y != -100
+    return float((pred[m] == y[m]).float().mean())
+
+
+def test_kd_beats_ce_only(bundled, sft_model, tmp_path):
+    teacher = sft_model[0]
+    tok = bundled["tok"]
+    recs = read_jsonl(bundled["corpus"]["sft"])
+    train_set, held = ChatDataset(recs[:3000], tok, SEQ), ChatDataset(recs[-200:], tok, SEQ)
+    res = {}
+    for name, alpha in (("kd", 0.5), ("ce", 1.0)):
+        torch.manual_seed(1)
+        student = build_model(tiny_config(tok.vocab_size, dim=64, n_layers=1, n_heads=2, n_kv_heads=1))
+        h = train_distill(student, teacher, train_set, quick_cfg(tmp_path / name, STEPS, 3e-3), alpha=alpha,
+                          temperature=2.0)
+        res[name] = (teacher_kl(student, teacher, held), token_accuracy(student, held), h["seconds"])
+    t_acc = token_accuracy(teacher, held)
+    print(f"\nheld-out KL(teacher||student) / token accuracy: KD {res['kd'][0]:.4f} / {res['kd'][1]:.3f}, "
+          f"CE only {res['ce'][0]:.4f} / {res['ce'][1]:.3f}; teacher accuracy {t_acc:.3f}; "
+          f"{res['kd'][2]:.1f}s / {res['ce'][2]:.1f}s")
+    assert res["kd"][0] < 0.9 * res["ce"][0]
+    assert res["kd"][1] >= res["ce"][1]
