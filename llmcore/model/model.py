@@ -16,8 +16,8 @@ Packed batches: `positions` (B, S) restarting at 0 at each document start. When 
 inside a row, attention runs per document (flash_attn_varlen on cu_seqlens from positions), so no
 token attends across documents; RoPE uses the given positions.
 
-Labels follow the HF convention: same shape as input_ids, the model shifts them (logits at t
-predict labels at t + 1), -100 = no loss. The loss is mean cross-entropy in fp32 plus, for MoE,
+Labels are pre-shifted, as llmcore.data's datasets (and minimind's) make them: labels[b, t] is the
+target of the logits at (b, t), i.e. the token after input_ids[b, t]; -100 = no loss. The loss is mean cross-entropy in fp32 plus, for MoE,
 the routers' aux losses.
 """
 import math
@@ -136,7 +136,7 @@ class Transformer(nn.Module):
         logits = F.linear(y, self.lm_head)  # (B, S, vocab)
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         aux = self.aux_loss()
         if aux is not None:
             loss = loss + aux

@@ -98,14 +98,30 @@ def flash_attn(q, k, v, causal=True, softmax_scale=None, return_lse=False):
 
 
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True):
-    """Attention within each sequence of a packed batch: q (total_q, Hq, D), k/v (total_k, Hkv, D)."""
-    out = torch.empty_like(q)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(cq) - 1):
-        qs, ks = q[cq[i]:cq[i + 1]][None], k[ck[i]:ck[i + 1]][None]
-        vs = v[ck[i]:ck[i + 1]][None]
-        out[cq[i]:cq[i + 1]] = flash_attn(qs, ks, vs, causal=causal)[0]
-    return out
+    """Attention within each sequence of a packed batch: q (total_q, Hq, D), k/v (total_k, Hkv, D).
+    Stand-in: the sequences are gathered into a padded (n, max_seqlen, H, D) batch for one SDPA call."""
+    n = cu_seqlens_q.numel() - 1
+
+    def pad(x, cu, max_len):
+        lens = (cu[1:] - cu[:-1]).long()
+        j = torch.arange(max_len, device=x.device)
+        valid = j[None, :] < lens[:, None]                              # (n, max_len)
+        idx = (cu[:-1].long()[:, None] + j[None, :]).clamp(max=max(x.shape[0] - 1, 0))
+        return x[idx], valid                                            # (n, max_len, H, D)
+
+    qp, qvalid = pad(q, cu_seqlens_q, max_seqlen_q)
+    kp, kvalid = pad(k, cu_seqlens_k, max_seqlen_k)
+    vp, _ = pad(v, cu_seqlens_k, max_seqlen_k)
+    mask = kvalid[:, None, None, :]                                     # (n, 1, 1, Sk)
+    if causal:  # bottom-right aligned per sequence
+        lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[:, None, None, None]
+        lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()[:, None, None, None]
+        i = torch.arange(max_seqlen_q, device=q.device)[None, None, :, None]
+        jj = torch.arange(max_seqlen_k, device=q.device)[None, None, None, :]
+        mask = mask & (jj <= i + (lk - lq))
+    mask = mask | ~qvalid[:, None, :, None]  # padded query rows: any finite row, dropped below
+    out = _sdpa(qp, kp, vp, mask, None)                                 # (n, max_len, Hq, D)
+    return out[qvalid]                                                  # (total_q, Hq, D)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, causal=True, softmax_scale=None):

@@ -1,0 +1,71 @@
+"""Chat with a trained checkpoint: interactive with streaming output, or one-shot --prompt.
+
+    python scripts/chat.py --ckpt out/sft
+    python scripts/chat.py --ckpt out/sft --prompt "What is the capital of Velora?"
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from llmcore.data.tokenizer import Tokenizer  # noqa: E402
+from llmcore.model.generate import stream_text  # noqa: E402
+from llmcore.train import checkpoint  # noqa: E402
+
+
+def reply(model, tok, messages, a):
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    text = ""
+    for piece in stream_text(model, tok, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                             top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                             stop_tokens=(tok.im_end_id, tok.eos_id)):
+        print(piece, end="", flush=True)
+        text += piece
+    print()
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/sft", help="checkpoint directory or training --out")
+    p.add_argument("--tokenizer", help="default: the one recorded in the checkpoint")
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--system", default="")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--history", action="store_true", help="keep the conversation (multi-turn)")
+    a = p.parse_args(argv)
+    ckpt = Path(a.ckpt) if (Path(a.ckpt) / "meta.json").exists() else checkpoint.latest_checkpoint(a.ckpt)
+    if ckpt is None:
+        sys.exit(f"no checkpoint in {a.ckpt}")
+    tok = Tokenizer.load(a.tokenizer or checkpoint.load_meta(ckpt)["tokenizer"])
+    model = checkpoint.load_model(ckpt, device=a.device).eval()
+    base = [{"role": "system", "content": a.system}] if a.system else []
+    if a.prompt:
+        reply(model, tok, base + [{"role": "user", "content": a.prompt}], a)
+        return
+    print(f"{ckpt} ({model.num_params() / 1e6:.1f}M params). Empty line or Ctrl-D to quit.")
+    msgs = list(base)
+    while True:
+        try:
+            q = input("you> ").strip()
+        except EOFError:
+            break
+        if not q:
+            break
+        msgs = (msgs if a.history else list(base)) + [{"role": "user", "content": q}]
+        print("bot> ", end="", flush=True)
+        with torch.no_grad():
+            text = reply(model, tok, msgs, a)
+        msgs.append({"role": "assistant", "content": text})
+
+
+if __name__ == "__main__":
+    main()
