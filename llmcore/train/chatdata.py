@@ -1,9 +1,9 @@
 """Conversation encoding for the post-SFT stages (LoRA, DPO, distillation, reasoning): minimind's jsonl
 formats read as they are, tokenized on the fly (these sets are small), padded per batch.
 
-    encode_conversation(tok, messages, max_len, only_last) -> (ids, labels)
-        ChatML ids; labels = ids on assistant turns (content + <|im_end|>), -100 elsewhere
-        (system/user turns, role headers). HF label convention: the model shifts.
+    encode_conversation(tok, messages, max_len, only_last) -> (input_ids, labels)
+        ChatML ids[:-1] and pre-shifted labels (labels[t] = ids[t + 1] where that token is on an
+        assistant turn — content + <|im_end|> — else -100), as llmcore.data's SFTDataset makes them.
         DPO pairs score only the last assistant turn (the completion), as llmcore.data.prep does.
     ChatDataset(path | records, tok, max_len)         {"conversations": [...]}        -> input_ids, labels
     PairDataset(path | records, tok, max_len)         {"chosen": [...], "rejected": [...]}
@@ -29,15 +29,16 @@ def read_jsonl(path_or_records):
 
 
 def encode_conversation(tok, messages, max_len: int = 512, only_last: bool = False):
-    """(ids, labels) lists of equal length <= max_len: ChatML ids (llmcore.data.prep.encode_conversation,
-    the same tokens and loss mask as the prepared SFT/DPO shards), labels = ids where the mask is 1
-    (assistant content + <|im_end|>; only the last assistant turn when only_last), else -100."""
+    """(input_ids, labels) lists of equal length <= max_len from the ChatML ids and loss mask of
+    llmcore.data.prep.encode_conversation (the same tokens as the prepared SFT/DPO shards):
+    input_ids = ids[:-1], labels[t] = ids[t + 1] where mask[t + 1] (assistant content + <|im_end|>;
+    only the last assistant turn when only_last), else -100."""
     from llmcore.data.prep import encode_conversation as _encode
 
     ids, mask = _encode(tok, messages, only_last)
-    ids = ids[:max_len].tolist()
-    labels = [t if m else IGNORE for t, m in zip(ids, mask[:max_len].tolist())]
-    return ids, labels
+    ids, mask = ids[:max_len + 1].tolist(), mask[:max_len + 1].tolist()
+    labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    return ids[:-1], labels
 
 
 
@@ -46,7 +47,7 @@ class ChatDataset:
         self.items = []
         for r in read_jsonl(src):
             ids, lab = encode_conversation(tok, r["conversations"], max_len)
-            if any(l != IGNORE for l in lab[1:]):
+            if any(l != IGNORE for l in lab):
                 self.items.append((torch.tensor(ids), torch.tensor(lab)))
 
     def __len__(self):
@@ -63,7 +64,7 @@ class PairDataset:
         for r in read_jsonl(src):
             c_ids, c_lab = encode_conversation(tok, r["chosen"], max_len, only_last=True)
             r_ids, r_lab = encode_conversation(tok, r["rejected"], max_len, only_last=True)
-            if any(l != IGNORE for l in c_lab[1:]) and any(l != IGNORE for l in r_lab[1:]):
+            if any(l != IGNORE for l in c_lab) and any(l != IGNORE for l in r_lab):
                 self.items.append(tuple(torch.tensor(x) for x in (c_ids, c_lab, r_ids, r_lab)))
 
     def __len__(self):

@@ -47,6 +47,6 @@ def teacher_kl(student, teacher, dataset, batch_size: int = 16, dtype: str = "fp
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)
         with _autocast(device, dtype):
             _, _, kl = kd_loss(student(ids), teacher(ids), labels, alpha=0.0, temperature=1.0)
-        k = int((labels[:, 1:] != -100).sum())
+        k = int((labels != -100).sum())
         total, n = total + float(kl) * k, n + k
     return total / max(n, 1)

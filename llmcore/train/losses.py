@@ -1,8 +1,9 @@
 """Stage losses as pure functions of logits / log-probs (no model, no optimizer): tested in isolation.
 
-Label convention everywhere (HF, same as the model): `labels` has the shape of `input_ids`, the logits
-at position t predict labels[t + 1], and -100 marks a position without loss (prompt, padding). So the
-"completion" / "assistant" positions of a row are those t with labels[:, t + 1] != -100.
+Label convention everywhere (the model's and llmcore.data's, as minimind's): labels are pre-shifted —
+labels[b, t] is the target of the logits at (b, t), i.e. the token after input_ids[b, t] — and -100
+marks a position without loss (prompt, padding). The "completion" / "assistant" positions of a row
+are those t with labels[:, t] != -100.
 
     sequence_logps      (B, S, V) logits, (B, S) labels -> (B,) summed log p(label) over the completion
     dpo_loss            DPO (Rafailov et al. 2023) on summed log-probs, optional label smoothing (cDPO)
@@ -17,24 +18,22 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def _shift(logits, labels):
-    """logits (B, S, V), labels (B, S) -> logits (B, S-1, V) fp32, targets (B, S-1) with 0 at ignored
-    positions, mask (B, S-1) bool."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != IGNORE
-    return logits, target.masked_fill(~mask, 0), mask
+def _targets(logits, labels):
+    """logits (B, S, V), labels (B, S) -> logits fp32, targets (B, S) with 0 at ignored positions,
+    mask (B, S) bool."""
+    mask = labels != IGNORE
+    return logits.float(), labels.masked_fill(~mask, 0), mask
 
 
 def token_logps(logits, labels):
-    """Per-token log p(label) (B, S-1) fp32, 0 at ignored positions; and the mask (B, S-1)."""
-    logits, target, mask = _shift(logits, labels)
+    """Per-token log p(label) (B, S) fp32, 0 at ignored positions; and the mask (B, S)."""
+    logits, target, mask = _targets(logits, labels)
     logp = torch.gather(logits.log_softmax(-1), 2, target.unsqueeze(-1)).squeeze(-1)
     return logp * mask, mask
 
 
 def sequence_logps(logits, labels):
-    """Summed completion log-prob per row: (B,) fp32 = sum_t log p(labels[t+1] | <= t) over labels != -100."""
+    """Summed completion log-prob per row: (B,) fp32 = sum_t log p(labels[t] | input_ids[<= t]) over labels != -100."""
     logp, _ = token_logps(logits, labels)
     return logp.sum(-1)
 
@@ -60,7 +59,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def kd_loss(student_logits, teacher_logits, labels, alpha: float = 0.5, temperature: float = 1.0):
     """White-box knowledge distillation (Hinton et al. 2015; minimind train_distillation.py), on the
-    positions whose next-token label is not -100 (assistant tokens):
+    positions whose label is not -100 (assistant tokens):
 
         ce  = mean_t CE(student_t, label_t)
         kl  = mean_t sum_v p_T(v) (log p_T(v) - log q_T(v)),  p_T = softmax(teacher / T), q_T = softmax(student / T)
@@ -68,8 +67,8 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float = 0.5, temperat
 
     student_logits, teacher_logits (B, S, V) (same vocabulary); teacher gets no gradient.
     Returns (loss, ce, kl) — ce and kl detached, for logging."""
-    s, target, mask = _shift(student_logits, labels)
-    t = teacher_logits[:, :-1].detach().float()
+    s, target, mask = _targets(student_logits, labels)
+    t = teacher_logits.detach().float()
     s, t, target = s[mask], t[mask], target[mask]  # (N, V), (N, V), (N,)
     if target.numel() == 0:
         zero = student_logits.sum() * 0.0
@@ -90,7 +89,7 @@ def weighted_token_ce(logits, labels, weight_ids=(), weight: float = 10.0):
 
     Normalized by the unweighted count, as minimind does, so weight=1 is the plain mean CE.
     logits (B, S, V), labels (B, S) with -100 = no loss."""
-    logits, target, mask = _shift(logits, labels)
+    logits, target, mask = _targets(logits, labels)
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
     w = mask.float()
     if len(weight_ids):

@@ -14,8 +14,8 @@ STEPS = 120
 def token_accuracy(model, ds):
     model.eval()
     b = pad_collate([ds[i] for i in range(len(ds))])
-    pred = model(b["input_ids"])[:, :-1].argmax(-1)
-    y = b["labels"][:, 1:]
+    pred = model(b["input_ids"]).argmax(-1)
+    y = b["labels"]
     m = y != -100
     return float((pred[m] == y[m]).float().mean())
 

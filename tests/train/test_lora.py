@@ -191,7 +191,7 @@ def test_qlora_trains_on_cpu(tmp_path):
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, 60, (16,), generator=g).tolist()
     seqs = [torch.arange(a, a + 24) % 60 + 3 for a in starts]  # learnable: count up
-    ds = [{"input_ids": s, "labels": s} for s in seqs]
+    ds = [{"input_ids": s[:-1], "labels": s[1:]} for s in seqs]
     cfg = TrainConfig(out_dir=str(tmp_path), max_steps=30, batch_size=4, lr=1e-2, warmup_steps=0, dtype="bf16",
                       progress=False, tensorboard=False, plot=False, log_every=10)
     hist = train_lora(model, ds, cfg)

@@ -27,12 +27,12 @@ def test_sequence_logps_matches_gather_loop():
     labels = _labels(B, S, V, g)
     want = torch.zeros(B)
     for b in range(B):
-        for t in range(S - 1):
-            if labels[b, t + 1] != -100:
-                want[b] += logits[b, t].log_softmax(-1)[labels[b, t + 1]]
+        for t in range(S):
+            if labels[b, t] != -100:
+                want[b] += logits[b, t].log_softmax(-1)[labels[b, t]]
     torch.testing.assert_close(sequence_logps(logits, labels), want)
     lp, mask = token_logps(logits, labels)
-    assert lp.shape == mask.shape == (B, S - 1)
+    assert lp.shape == mask.shape == (B, S)
 
 
 class _FakeAccelerator:
@@ -77,7 +77,7 @@ def test_dpo_loss_equals_trl(beta):
     logits = torch.randn(2 * B, S, V, generator=g, requires_grad=True)
     labels = _labels(2 * B, S, V, g)
     per_tok, mask = token_logps(logits, labels)
-    completion_mask = torch.cat([torch.zeros(2 * B, 1), mask.float()], 1)  # TRL's mask is over input positions
+    completion_mask = torch.cat([torch.zeros(2 * B, 1), mask.float()], 1)  # TRL shifts its mask by one
     ref = torch.randn(2 * B, generator=g) * 3 - 10
     trl_loss, metrics = _trl_dpo(per_tok, completion_mask, ref[:B], ref[B:], beta)
     lp = sequence_logps(logits, labels)
@@ -115,8 +115,8 @@ def test_kd_loss_formula_and_masking():
     labels = _labels(B, S, V, g)
     for alpha, T in ((0.5, 2.0), (0.0, 1.0), (1.0, 3.0)):
         loss, ce, kl = kd_loss(s, t, labels, alpha, T)
-        m = labels[:, 1:] != -100
-        ss, tt, yy = s[:, :-1][m], t[:, :-1][m], labels[:, 1:][m]
+        m = labels != -100
+        ss, tt, yy = s[m], t[m], labels[m]
         want_ce = F.cross_entropy(ss, yy)
         want_kl = F.kl_div(F.log_softmax(ss / T, -1), F.log_softmax(tt / T, -1), log_target=True, reduction="batchmean")
         torch.testing.assert_close(ce, want_ce.detach())
@@ -127,7 +127,7 @@ def test_kd_loss_formula_and_masking():
     loss, _, _ = kd_loss(s, t, labels, 0.3, 2.0)
     loss.backward()
     assert t.grad is None
-    assert torch.all(s.grad[:, :-1][~(labels[:, 1:] != -100)] == 0)
+    assert torch.all(s.grad[labels == -100] == 0)
     # KL is zero when the student equals the teacher
     assert float(kd_loss(t.detach(), t.detach(), labels, 0.0, 2.0)[2]) == pytest.approx(0.0, abs=1e-6)
 
@@ -137,12 +137,12 @@ def test_weighted_token_ce():
     B, S, V = 3, 10, 9
     logits = torch.randn(B, S, V, generator=g)
     labels = _labels(B, S, V, g)
-    base = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    base = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(weighted_token_ce(logits, labels), base)
     torch.testing.assert_close(weighted_token_ce(logits, labels, (3, 4), 1.0), base)
     # by hand: weight 10 on targets 3 and 4, normalized by the unweighted count (minimind)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none")
-    y = labels[:, 1:].flatten()
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    y = labels.flatten()
     w = torch.where((y == 3) | (y == 4), 10.0, 1.0) * (y != -100)
     torch.testing.assert_close(weighted_token_ce(logits, labels, (3, 4), 10.0), (ce * w).sum() / (y != -100).sum())
     assert ((y == 3) | (y == 4)).any()
