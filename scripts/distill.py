@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
     args = p.parse_args(argv)
-    tok, data, ev = stage_cli.default_data(args, "sft", None)
+    tok, data, ev = stage_cli.default_data(args, "sft", None, init=args.init or args.teacher)
     teacher = stage_cli.load_init(args.teacher, args.device)
     if args.init:
         student = stage_cli.load_init(args.init, args.device)

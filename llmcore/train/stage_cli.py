@@ -16,8 +16,10 @@ import torch
 
 def add_common_args(p: argparse.ArgumentParser, init_help="SFT checkpoint (dir or run dir) to start from"):
     p.add_argument("--init", required=True, help=init_help)
-    p.add_argument("--workdir", default="out/data", help="default data + tokenizer (made on first use)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <workdir>/tokenizer)")
+    p.add_argument("--workdir", default=None, help="default data + tokenizer (default: the data dir the --init "
+                   "checkpoint was trained from, else out/data; made on first use)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one recorded in the --init "
+                   "checkpoint's meta, else <workdir>/tokenizer)")
     p.add_argument("--data", default=None, help="training jsonl in minimind's format (default: the bundled set)")
     p.add_argument("--eval-data", default=None, help="held-out jsonl (default: the bundled held-out set)")
     p.add_argument("--out", required=True)
@@ -34,17 +36,35 @@ def add_common_args(p: argparse.ArgumentParser, init_help="SFT checkpoint (dir o
     return p
 
 
-def default_data(args, train_key: str, eval_key: str):
-    """(tokenizer, train jsonl, eval jsonl) — the given files, else the bundled corpus."""
+def _ckpt_tokenizer(init):
+    """The tokenizer dir recorded in a checkpoint's meta.json ("tokenizer", as the quick start writes)."""
+    if not init:
+        return None
+    from llmcore.train.checkpoint import latest_checkpoint, load_meta
+
+    p = Path(init)
+    ckpt = p if (p / "meta.json").exists() else latest_checkpoint(p)
+    tok = load_meta(ckpt).get("tokenizer") if ckpt is not None else None
+    return tok if tok and Path(tok).exists() else None
+
+
+def default_data(args, train_key: str, eval_key: str, init=None):
+    """(tokenizer, train jsonl, eval jsonl) — the given files, else the bundled corpus. The tokenizer
+    defaults to the one the --init checkpoint was trained with, and the bundled corpus to the data
+    dir next to it (prepare_default_data caches it there), so stages chain after the quick start."""
     from llmcore.data.tokenizer import Tokenizer
 
-    need_default = args.data is None or args.eval_data is None or args.tokenizer is None
+    tok_dir = args.tokenizer or _ckpt_tokenizer(init if init is not None else getattr(args, "init", None))
+    workdir = args.workdir
+    if workdir is None:
+        near = Path(tok_dir).parent if tok_dir else None
+        workdir = near if near is not None and (near / "default_data.json").exists() else "out/data"
     d = None
-    if need_default:
+    if args.data is None or (eval_key and args.eval_data is None) or tok_dir is None:
         from llmcore.data.prep import prepare_default_data
 
-        d = prepare_default_data(args.workdir, progress=False)
-    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else d["tokenizer"]
+        d = prepare_default_data(workdir, progress=False)
+    tok = Tokenizer.load(tok_dir) if tok_dir else d["tokenizer"]
     train = args.data or d["corpus"][train_key]
     ev = args.eval_data or (d["corpus"][eval_key] if eval_key else None)
     return tok, train, ev

@@ -1,21 +1,23 @@
 """One tiny SFT model shared by the stage tests (session scope): the bundled corpus (size "small"),
 a 1024-token BPE tokenizer, and a 2-layer dim-128 model trained with SFT from scratch on the bundled
 conversations (no pretraining: the stage tests need a model that chats in ChatML, not one that knows
-the world). About 30 s of CPU on 2 cores."""
+the world). """
 import copy
 
 import pytest
 import torch
 
-SFT_STEPS = 250
+SFT_STEPS = 200
 SEQ = 64
 
 
 def tiny_config(vocab_size, **kw):
     from llmcore.model import get_config
 
+    # backend "torch": these tests are about the stages, not the kernels (tested in tests/ops), and the
+    # plain-PyTorch path is the fastest on CPU while some ops still run as pure-PyTorch stand-ins
     return get_config("tiny", **{**dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
-                                        max_seq_len=256), **kw})
+                                        max_seq_len=256, backend="torch"), **kw})
 
 
 def quick_cfg(out_dir, steps, lr, batch_size=16, **kw):
