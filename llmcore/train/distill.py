@@ -23,15 +23,10 @@ def make_kd_loss(teacher, alpha: float = 0.5, temperature: float = 2.0):
     return loss_fn
 
 
-def freeze(model):
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def train_distill(student, teacher, dataset, cfg, alpha: float = 0.5, temperature: float = 2.0, eval_dataset=None):
-    teacher = freeze(teacher).to(cfg.device)
+    """KD-train `student` from `teacher` (put in eval mode; its forward runs under no_grad, so its
+    requires_grad flags are left as the caller set them)."""
+    teacher = teacher.eval().to(cfg.device)
     return train(student, dataset, cfg, loss_fn=make_kd_loss(teacher, alpha, temperature),
                  eval_dataset=eval_dataset, collate=pad_collate)
 

@@ -9,7 +9,7 @@ from llmcore.train.reason import format_rate, is_formatted, split_reasoning, tag
 
 from .conftest import quick_cfg
 
-STEPS, N_EVAL = 120, 20
+STEPS, N_EVAL = 150, 20
 
 
 def test_split_and_format():
@@ -24,12 +24,12 @@ def test_reason_format_rate(bundled, sft_model, tmp_path):
     tok, corpus = bundled["tok"], bundled["corpus"]
     held = read_jsonl(corpus["eval_reason"])[:N_EVAL]
     base = sft_model[0]
-    rate0, _ = format_rate(base, tok, held)
+    rate0, _ = format_rate(base, tok, held, max_new_tokens=160)
     model = copy.deepcopy(base)
     ds = ChatDataset(corpus["reason"], tok, 160)
     assert all(i in {int(t) for it in ds.items[:50] for t in it[1]} for i in tag_ids(tok))
     h = train_reason(model, ds, quick_cfg(tmp_path, STEPS, 2e-3), tok, tag_weight=10.0)
-    rate, acc = format_rate(model, tok, held)
+    rate, acc = format_rate(model, tok, held, max_new_tokens=160)
     print(f"\nheld-out think/answer format rate: SFT {rate0:.2f} -> reason {rate:.2f} (answer accuracy {acc:.2f}, "
           f"{len(held)} prompts); {h['seconds']:.1f}s")
     assert rate >= 0.8 and rate0 <= 0.1
