@@ -47,10 +47,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dev = next(base.parameters(), torch.empty(0)).device
-        for b in list(base.buffers()):
-            dev = b.device
-            break
+        dev = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         self.lora_A = nn.Linear(in_f, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=dev, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT init_lora_weights=True
