@@ -12,7 +12,7 @@ from llmcore.train.losses import kd_loss
 from llmcore.train.loop import _autocast, train
 
 
-def make_kd_loss(teacher, alpha: float = 0.5, temperature: float = 2.0):
+def make_kd_loss(teacher, alpha: float = 0.2, temperature: float = 1.0):
     def loss_fn(model, batch):
         ids, labels = batch["input_ids"], batch["labels"]
         logits = model(ids)
@@ -23,7 +23,7 @@ def make_kd_loss(teacher, alpha: float = 0.5, temperature: float = 2.0):
     return loss_fn
 
 
-def train_distill(student, teacher, dataset, cfg, alpha: float = 0.5, temperature: float = 2.0, eval_dataset=None):
+def train_distill(student, teacher, dataset, cfg, alpha: float = 0.2, temperature: float = 1.0, eval_dataset=None):
     """KD-train `student` from `teacher` (put in eval mode; its forward runs under no_grad, so its
     requires_grad flags are left as the caller set them)."""
     teacher = teacher.eval().to(cfg.device)

@@ -30,11 +30,11 @@ def test_kd_beats_ce_only(bundled, sft_model, tmp_path):
     recs = read_jsonl(bundled["corpus"]["sft"])
     train_set, held = ChatDataset(recs[:3000], tok, SEQ), ChatDataset(recs[-200:], tok, SEQ)
     res = {}
-    for name, alpha in (("kd", 0.5), ("ce", 1.0)):
+    for name, alpha in (("kd", 0.2), ("ce", 1.0)):
         torch.manual_seed(1)
         student = build_model(tiny_config(tok.vocab_size, dim=64, n_layers=1, n_heads=2, n_kv_heads=1))
         h = train_distill(student, teacher, train_set, quick_cfg(tmp_path / name, STEPS, 3e-3), alpha=alpha,
-                          temperature=2.0)
+                          temperature=1.0)
         res[name] = (teacher_kl(student, teacher, held), token_accuracy(student, held),
                      token_accuracy(student, held, teacher), h["seconds"])
     t_acc = token_accuracy(teacher, held)
@@ -42,7 +42,9 @@ def test_kd_beats_ce_only(bundled, sft_model, tmp_path):
           f"KD {res['kd'][0]:.4f} / {res['kd'][1]:.3f} / {res['kd'][2]:.3f}, "
           f"CE only {res['ce'][0]:.4f} / {res['ce'][1]:.3f} / {res['ce'][2]:.3f}; teacher accuracy {t_acc:.3f}; "
           f"{res['kd'][3]:.1f}s / {res['ce'][3]:.1f}s")
-    # first measured: KL 0.370 (KD) vs 0.443 (CE), label accuracy 0.303 vs 0.309 (teacher 0.375)
-    assert res["kd"][0] < 0.92 * res["ce"][0]
-    assert res["kd"][2] > res["ce"][2]
-    assert res["kd"][1] >= res["ce"][1] - 0.02
+    # measured (alpha 0.2, T 1): KL 0.194 (KD) vs 0.443 (CE only), label accuracy 0.323 vs 0.309,
+    # agreement with the teacher 0.532 vs 0.393 (teacher accuracy 0.375). alpha 0.5, T 2 gave KL 0.370
+    # but no accuracy gain (0.303), hence the defaults alpha 0.2, T 1 in scripts/distill.py.
+    assert res["kd"][0] < 0.6 * res["ce"][0]
+    assert res["kd"][1] >= res["ce"][1]
+    assert res["kd"][2] > res["ce"][2] + 0.08

@@ -32,4 +32,6 @@ def test_reason_format_rate(bundled, sft_model, tmp_path):
     rate, acc = format_rate(model, tok, held, max_new_tokens=160)
     print(f"\nheld-out think/answer format rate: SFT {rate0:.2f} -> reason {rate:.2f} (answer accuracy {acc:.2f}, "
           f"{len(held)} prompts); {h['seconds']:.1f}s")
+    # measured: SFT 0.00 -> 1.00 on 20 held-out prompts (answer accuracy 0.00: a 2-layer model learns the
+    # format, not the arithmetic)
     assert rate >= 0.8 and rate0 <= 0.1

@@ -38,7 +38,8 @@ def test_lora_and_qlora_scripts(ckpt, tmp_path):
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
     assert list((tmp_path / "lora" / "merged").glob("ckpt-*"))
     _main("lora.py")(["--init", str(d / "sft"), "--out", str(tmp_path / "qlora"), "--data", str(small["sft"]),
-                      "--qlora", *COMMON[:-4], "--dtype", "bf16", "--no-progress", "--max-len", "96"])
+                      "--qlora", "--steps", "2", "--batch-size", "4", "--dtype", "bf16", "--no-progress",
+                      "--max-len", "96"])
     assert (tmp_path / "qlora" / "adapter" / "adapter_model.safetensors").exists()
 
 
