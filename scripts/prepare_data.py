@@ -19,7 +19,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--default", action="store_true", help="generate + tokenize + prepare the bundled corpus")
     ap.add_argument("--workdir", default="out/data", help="with --default: output root (default: %(default)s)")
-    ap.add_argument("--size", default="small", choices=["tiny", "small", "large"])
+    ap.add_argument("--size", default="small", choices=["tiny", "micro", "small", "large"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-size", type=int, default=6400)
     ap.add_argument("--force", action="store_true", help="with --default: redo even if up to date")

@@ -16,7 +16,7 @@ def main(argv=None):
     ap.add_argument("--data", nargs="+", help="jsonl files (pretrain {text} / SFT {conversations} / DPO); "
                     "default: the bundled corpus, generated into --workdir")
     ap.add_argument("--workdir", default="out/data", help="where the bundled corpus is generated (default: %(default)s)")
-    ap.add_argument("--size", default="small", choices=["tiny", "small", "large"], help="bundled corpus size")
+    ap.add_argument("--size", default="small", choices=["tiny", "micro", "small", "large"], help="bundled corpus size")
     ap.add_argument("--seed", type=int, default=0, help="bundled corpus seed")
     ap.add_argument("--vocab-size", type=int, default=6400)
     ap.add_argument("--out", default=None, help="output directory (default: <workdir>/tokenizer)")

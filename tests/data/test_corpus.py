@@ -34,6 +34,13 @@ def test_other_seed_other_world(tmp_path, tiny_corpus):
     assert all(d0[k] != d1[k] for k in NAMES)
 
 
+def test_micro_size_deterministic_and_held_out():
+    a, b = generate_default_corpus(3, "micro"), generate_default_corpus(3, "micro")
+    assert a == b
+    train = {m["content"] for r in a["sft"] + a["reason"] for m in r["conversations"]}
+    assert a["eval"] and not any(r["question"] in train for r in a["eval"])
+
+
 def test_unknown_size():
     with pytest.raises(ValueError, match="size"):
         generate_default_corpus(0, "huge")

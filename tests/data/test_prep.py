@@ -68,6 +68,9 @@ CONVS = [
     [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}],
     [{"role": "assistant", "content": "Hello! How can I help you?"}, {"role": "user", "content": "Bye"},
      {"role": "assistant", "content": " Goodbye.\n"}],
+    # characters outside the BMP before and inside the loss span (offsets are code points)
+    [{"role": "user", "content": "emoji 🙂🙂 龘?"}, {"role": "assistant", "content": "🙂 fine 龘"},
+     {"role": "user", "content": "\n\n"}, {"role": "assistant", "content": "\n\nok"}],
 ]
 
 
