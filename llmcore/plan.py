@@ -33,12 +33,16 @@ Training memory (bytes), per data-parallel rank of `world` ranks:
   (2 for bf16/fp16 compute, 4 for fp32), flash attention (no T×T score matrix is kept):
     per layer, per token   a·(4·d + 2·H·hd + 2·Hkv·hd + 3·F_act) + 4·(H + 2)
       4·d: inputs and outputs of the two RMSNorms (the outputs feed the projections),
-      2·H·hd: q and the attention output, 2·Hkv·hd: k and v, 3·F_act: gate, up and silu(gate)·up
-      (F_act = F for a dense layer, k·Fe + S·Fs per token for MoE, plus its router logits),
+      2·H·hd: q and the attention output, 2·Hkv·hd: k and v, 4·F_act: gate, up, silu(gate) and
+      silu(gate)·up (F_act = F for a dense layer, k·Fe + S·Fs per token for MoE, plus, for MoE, the
+      fp32 router logits and probabilities (2·E) and the k dispatched copies of x and of the expert
+      outputs (2·k·d)); a SwiGLU kernel that recomputes silu in backward saves F_act less,
       fp32: the attention log-sum-exp (H) and the two rstd values.
-    final                  a·2·d + 4·V·2   (final norm in/out; fp32 logits and their softmax
-                                            for the cross-entropy)
+    final                  a·2·d + 4·V     (final norm in/out; the fp32 log-softmax of the logits that
+                                            the cross-entropy saves)
   Activation checkpointing of every layer keeps only each layer's input: a·d per layer per token.
+  Transient peak (backward of the loss): the fp32 gradient of the logits, 4·V bytes per token, lives
+  next to the saved activations and the gradients being accumulated; `total` includes it.
 
 Time: tokens · flops_per_token / (MFU · peak_flops(gpu, precision) · n_gpus).
 """
@@ -112,13 +116,16 @@ def arch_from_config(cfg: Any) -> Arch:
     n_kv = int(_get(cfg, ("n_kv_heads", "num_key_value_heads"), n_heads) or n_heads)
     head_dim = int(_get(cfg, ("head_dim",), None) or dim // n_heads)
     ffn = int(_get(cfg, ("ffn_dim", "hidden_dim", "intermediate_size", "ffn_hidden"), 0) or 0)
-    n_exp = int(_get(cfg, ("n_experts", "n_routed_experts", "num_experts"), 0) or 0)
+    n_exp = int(_get(cfg, ("n_experts", "n_routed_experts", "num_experts", "num_local_experts"), 0) or 0)
     if not _get(cfg, ("use_moe", "moe"), n_exp > 0):
         n_exp = 0
     top_k = int(_get(cfg, ("top_k", "moe_top_k", "num_experts_per_tok"), 0) or 0)
     efn = int(_get(cfg, ("expert_ffn_dim", "moe_ffn_dim", "moe_intermediate_size", "expert_dim"), 0) or ffn)
     n_sh = int(_get(cfg, ("n_shared_experts", "n_shared"), 0) or 0)
-    sfn = int(_get(cfg, ("shared_ffn_dim", "shared_expert_intermediate_size"), 0) or efn)
+    sfn = int(_get(cfg, ("shared_ffn_dim",), 0) or efn)
+    hf_shared = int(_get(cfg, ("shared_expert_intermediate_size",), 0) or 0)
+    if hf_shared and not n_sh:  # a transformers Qwen2-MoE config: one shared expert of that width
+        n_sh, sfn = 1, hf_shared
     return Arch(
         vocab=int(_get(cfg, ("vocab_size", "vocab"))),
         dim=dim,
@@ -179,18 +186,20 @@ def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, chec
     else:
         if a.moe:
             f_act = a.top_k * a.expert_ffn + a.n_shared * a.shared_ffn
-            extra = 4 * a.n_experts  # router logits/probabilities in fp32
+            # router logits/probabilities in fp32; the k dispatched copies of x and of the expert outputs
+            extra = 4 * 2 * a.n_experts + act_bytes * 2 * a.top_k * d
         else:
             f_act, extra = a.ffn, 0
-        per_layer = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
+        per_layer = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 4 * f_act) \
             + 4 * (a.n_heads + 2) + extra
-    final = act_bytes * 2 * d + 4 * a.vocab * 2
+    final = act_bytes * 2 * d + 4 * a.vocab
     return int(tokens * (a.n_layers * per_layer + final))
 
 
 def memory_bytes(a: Arch, precision: str = "autocast-bf16", zero: int = 0, world: int = 1, batch: int = 1,
                  seq_len: int | None = None, checkpointing: bool = False) -> dict[str, int]:
-    """Per-rank training memory: weights, grads, optimizer states (AdamW), activations, total."""
+    """Per-rank training memory (bytes): weights, grads, optimizer states (AdamW), activations,
+    transient (logits gradient at the start of backward), total (their sum: the estimated peak)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if zero not in (0, 1, 2, 3):
@@ -206,9 +215,11 @@ def memory_bytes(a: Arch, precision: str = "autocast-bf16", zero: int = 0, world
         grads = math.ceil(grads / world)
     if zero >= 3:
         weights = math.ceil(weights / world)
-    act = activation_bytes(a, batch, seq_len or a.max_seq_len, ab, checkpointing)
-    return dict(weights=weights, grads=grads, optimizer=opt, activations=act,
-                total=weights + grads + opt + act)
+    T = seq_len or a.max_seq_len
+    act = activation_bytes(a, batch, T, ab, checkpointing)
+    transient = 4 * a.vocab * batch * T
+    return dict(weights=weights, grads=grads, optimizer=opt, activations=act, transient=transient,
+                total=weights + grads + opt + act + transient)
 
 
 def train_time_s(a: Arch, tokens: float, gpu: str = "H100-SXM", mfu: float = 0.4, n_gpus: int = 1,

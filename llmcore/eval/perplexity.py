@@ -27,8 +27,8 @@ def hf_logits(hf_model) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def read_texts(path: str | Path, field: str | None = None) -> list[str]:
-    """Documents of a .jsonl file (field `text` by default, or the concatenated `content` of
-    `conversations`) or of a plain text file (one document per non-empty paragraph / line)."""
+    """Documents of a .jsonl file (field `text` by default, else the concatenated `content` of
+    `conversations`, else `question` + newline + `answer`) or of a plain text file (one document per non-empty paragraph / line)."""
     path = Path(path)
     out = []
     if path.suffix == ".jsonl":
@@ -47,8 +47,10 @@ def read_texts(path: str | Path, field: str | None = None) -> list[str]:
                     out.append(str(rec["text"]))
                 elif "conversations" in rec:
                     out.append("\n".join(str(m.get("content", "")) for m in rec["conversations"]))
+                elif "question" in rec and "answer" in rec:  # the bundled corpus' eval records
+                    out.append(f"{rec['question']}\n{rec['answer']}")
                 else:
-                    raise ValueError(f"{path}:{n}: no 'text' or 'conversations' field (use --field)")
+                    raise ValueError(f"{path}:{n}: no 'text', 'conversations' or 'question'/'answer' field (use --field)")
     else:
         out = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     return out

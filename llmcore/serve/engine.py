@@ -96,11 +96,13 @@ class ModelEngine(Engine):
         torch = self._torch
         gen = torch.Generator().manual_seed(int(params.seed)) if params.seed is not None else None
         room = self.max_seq_len - len(prompt_ids)
-        with torch.inference_mode():
-            yield from stream(self.model, list(prompt_ids), max_new_tokens=max(0, min(params.max_tokens, room)),
-                              temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                              repetition_penalty=params.repetition_penalty, stop_tokens=tuple(self.stop_ids),
-                              generator=gen)
+        # no `with no_grad()` here: generators of several requests interleave on the worker thread, so
+        # a context manager held across yields would leak; stream_batch is itself a no_grad generator
+        # (torch re-enters the mode around every step).
+        yield from stream(self.model, list(prompt_ids), max_new_tokens=max(0, min(params.max_tokens, room)),
+                          temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                          repetition_penalty=params.repetition_penalty, stop_tokens=tuple(self.stop_ids),
+                          generator=gen)
 
 
 @dataclasses.dataclass
@@ -203,10 +205,21 @@ class Scheduler:
         req.it = None
         req.finished.set()
 
-    def _finish(self, req: Request, reason: str) -> bool:
+    def _finish(self, req: Request, reason: str, flush: bool = True) -> bool:
+        """Ends a request: with flush, sends whatever decoded text was held back (an incomplete
+        UTF-8 tail decodes to U+FFFD, as a plain decode would give it), cut at a stop string."""
         tail = req.pending
+        if flush:
+            text = self.engine.decode(req.out_ids) if req.out_ids else ""
+            if text.startswith(req.emitted):
+                tail = text[len(req.emitted):]
+            for st in req.params.stop:
+                i = tail.find(st)
+                if i >= 0:
+                    tail, reason = tail[:i], "stop"
         req.pending = ""
         if tail:
+            req.emitted += tail
             req._put(Event("delta", text=tail))
         self._close(req)
         self.stats["finished"] += 1
@@ -247,8 +260,7 @@ class Scheduler:
             i = buf.find(s)
             if i >= 0:
                 req.pending = buf[:i]
-                req.emitted += buf[:i]
-                return self._finish(req, "stop")
+                return self._finish(req, "stop", flush=False)
         # hold back the longest suffix that is a prefix of some stop string
         hold = 0
         for s in req.params.stop:
@@ -279,6 +291,7 @@ class FakeEngine(Engine):
         self.endless = endless
         self.generated = 0  # total tokens produced (thread: worker only)
         self.live = 0  # generators currently open
+        self.max_live = 0  # most generators open at once (shows requests were interleaved)
 
     def encode(self, text):
         return [b + 3 for b in text.encode("utf-8")]
@@ -292,6 +305,7 @@ class FakeEngine(Engine):
 
     def generate(self, prompt_ids, params):
         self.live += 1
+        self.max_live = max(self.max_live, self.live)
         try:
             if self.reply is not None:
                 script = self.encode(self.reply)
