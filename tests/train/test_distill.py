@@ -45,6 +45,7 @@ def test_kd_beats_ce_only(bundled, sft_model, tmp_path):
     # measured (alpha 0.2, T 1): KL 0.194 (KD) vs 0.443 (CE only), label accuracy 0.323 vs 0.309,
     # agreement with the teacher 0.532 vs 0.393 (teacher accuracy 0.375). alpha 0.5, T 2 gave KL 0.370
     # but no accuracy gain (0.303), hence the defaults alpha 0.2, T 1 in scripts/distill.py.
-    assert res["kd"][0] < 0.6 * res["ce"][0]
+    # With data's denser world (666da9d): KL 0.248 vs 0.432, accuracy 0.337 vs 0.312, agreement 0.590 vs 0.497.
+    assert res["kd"][0] < 0.7 * res["ce"][0]
     assert res["kd"][1] >= res["ce"][1]
-    assert res["kd"][2] > res["ce"][2] + 0.08
+    assert res["kd"][2] > res["ce"][2] + 0.05

