@@ -16,13 +16,20 @@ from llmcore.model.generate import stream_text  # noqa: E402
 from llmcore.train import checkpoint  # noqa: E402
 
 
+# a reasoning reply (<think>…</think><answer>…</answer>) shows its think part apart from the answer
+_SHOW = {"<think>": "[think] ", "</think>": "\n[answer] ", "<answer>": "", "</answer>": ""}
+
+
 def reply(model, tok, messages, a):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     text = ""
     for piece in stream_text(model, tok, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                              top_p=a.top_p, repetition_penalty=a.repetition_penalty,
                              stop_tokens=(tok.im_end_id, tok.eos_id)):
-        print(piece, end="", flush=True)
+        shown = piece
+        for tag, rep in _SHOW.items():
+            shown = shown.replace(tag, rep)
+        print(shown, end="", flush=True)
         text += piece
     print()
     return text

@@ -1,16 +1,12 @@
 """The whole pipeline on the bundled data, on a CPU, in minutes:
 
-    corpus + tokenizer + shards -> pretrain (tiny preset) -> SFT -> held-out questions
+    corpus + tokenizer + shards -> pretrain (tiny preset) -> SFT -> DPO -> held-out questions
 
 It prints the time of each stage, a few chat answers to held-out questions (eval.jsonl: questions
-whose wording or whose fact SFT never saw), and the held-out accuracy of the untrained model and
-of the model after SFT. Everything lands in --out (checkpoints, log.jsonl, loss.png per stage);
-afterwards, chat with: python scripts/chat.py --ckpt <out>/sft
-
-Measured (2026-11-25, 2-core AMD EPYC shared with ~10 other jobs, 1 thread): 463 s of process CPU
-time in all (pretrain 200 steps, loss 7.29 -> 0.99; SFT 100 steps, loss 7.97 -> 0.67); held-out
-accuracy 0.0% untrained -> 28.3% after SFT (40% on facts asked with an unseen wording, 17% on
-facts SFT never asked about). The wall time on that loaded machine was 30 min.
+whose wording or whose fact SFT never saw), the held-out accuracy of the untrained model, after SFT
+and after DPO, and the held-out preference accuracy (eval_dpo.jsonl) before and after DPO.
+Everything lands in --out (checkpoints, log.jsonl, loss.png per stage);
+afterwards, chat with: python scripts/chat.py --ckpt <out>/dpo
 """
 import argparse
 import sys
@@ -36,6 +32,7 @@ def main(argv=None):
     p.add_argument("--out", default="out/quickstart")
     p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--sft-steps", type=int, default=100)
+    p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-questions", type=int, default=60)
@@ -53,12 +50,14 @@ def main(argv=None):
     from llmcore.train.loop import TrainConfig
     from llmcore.train.pretrain import pretrain
     from llmcore.train.sft import answer, heldout_accuracy, read_eval, sft
+    from llmcore.train.chatdata import PairDataset
+    from llmcore.train.dpo import preference_accuracy, train_dpo
 
     out = Path(a.out)
     times = {}
     t_all = t = time.perf_counter()
     cpu0 = time.process_time()
-    print("== 1/4 data: default corpus, BPE tokenizer, token shards")
+    print("== 1/5 data: default corpus, BPE tokenizer, token shards")
     data = prepare_default_data(out / "data", seed=0, size="small", progress=False)
     tok = data["tokenizer"]
     times["data"] = time.perf_counter() - t
@@ -78,7 +77,7 @@ def main(argv=None):
 
     common = dict(batch_size=a.batch_size, dtype=a.dtype, log_every=25, progress=not a.no_progress,
                   extra_meta={"tokenizer": str(Path(data["tokenizer_dir"]).resolve())})
-    print(f"== 2/4 pretrain: {mcfg.dim}-dim x {mcfg.n_layers} layers ({untrained.num_params() / 1e6:.1f}M params), "
+    print(f"== 2/5 pretrain: {mcfg.dim}-dim x {mcfg.n_layers} layers ({untrained.num_params() / 1e6:.1f}M params), "
           f"{a.pretrain_steps} steps of {a.batch_size} x {a.seq_len} tokens")
     t = time.perf_counter()
     cfg = TrainConfig(out_dir=str(out / "pretrain"), max_steps=a.pretrain_steps, lr=3e-3, warmup_steps=30, **common)
@@ -87,7 +86,7 @@ def main(argv=None):
     print(f"  loss {hist['losses'][0][1]:.2f} -> {hist['losses'][-1][1]:.2f} (eval {hist['eval'][-1][1]:.2f}), "
           f"{hist['tokens'] / hist['seconds']:,.0f} tokens/s, {times['pretrain']:.0f}s")
 
-    print(f"== 3/4 SFT: {a.sft_steps} steps")
+    print(f"== 3/5 SFT: {a.sft_steps} steps")
     t = time.perf_counter()
     cfg = TrainConfig(out_dir=str(out / "sft"), max_steps=a.sft_steps, lr=1e-3, warmup_steps=20, **common)
     model, hist = sft(data["sft"], None, cfg, seq_len=a.seq_len, model=model)
@@ -95,21 +94,39 @@ def main(argv=None):
     print(f"  loss {hist['losses'][0][1]:.2f} -> {hist['losses'][-1][1]:.2f} (eval {hist['eval'][-1][1]:.2f}), "
           f"{times['sft']:.0f}s")
 
-    print("== 4/4 held-out questions")
     t = time.perf_counter()
     acc1, rows1 = heldout_accuracy(model, tok, records)
     times["eval after SFT"] = time.perf_counter() - t
+
+    print(f"== 4/5 DPO: {a.dpo_steps} steps on the bundled preference pairs (beta 0.1, frozen SFT reference)")
+    t = time.perf_counter()
+    pairs, held_pairs = PairDataset(data["corpus"]["dpo"], tok, a.seq_len), PairDataset(data["corpus"]["eval_dpo"], tok, a.seq_len)
+    pref0, _ = preference_accuracy(model, held_pairs)
+    cfg = TrainConfig(out_dir=str(out / "dpo"), max_steps=a.dpo_steps, lr=1e-4, warmup_steps=10,
+                      **{**common, "batch_size": max(1, a.batch_size // 2)})
+    hist = train_dpo(model, pairs, cfg, beta=0.1)
+    pref1, _ = preference_accuracy(model, held_pairs)
+    times["dpo"] = time.perf_counter() - t
+    print(f"  loss {hist['losses'][0][1]:.3f} -> {hist['losses'][-1][1]:.3f}; held-out preference accuracy "
+          f"{pref0:.1%} -> {pref1:.1%}; {times['dpo']:.0f}s")
+
+    print("== 5/5 held-out questions")
+    t = time.perf_counter()
+    acc2, rows2 = heldout_accuracy(model, tok, records)
+    times["eval after DPO"] = time.perf_counter() - t
     shown = [r for r in records if r.get("lang") == "en"][:3] + [r for r in records if r.get("lang") == "zh"][:3]
     for r in shown:
         print(f"  Q: {r['question']}\n  A: {answer(model, tok, r['question'])}   (expected: {r['answer']})")
     accuracy_report("untrained", acc0, rows0, records)
     accuracy_report("after SFT", acc1, rows1, records)
+    accuracy_report("after DPO", acc2, rows2, records)
     times["total"] = time.perf_counter() - t_all
     cpu = time.process_time() - cpu0
     print("== time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
           + f"  (process CPU time {cpu:.0f}s on {torch.get_num_threads()} threads)")
-    print(f"chat with it: python scripts/chat.py --ckpt {out / 'sft'}")
-    return {"acc_untrained": acc0, "acc_sft": acc1, "times": times}
+    print(f"chat with it: python scripts/chat.py --ckpt {out / 'dpo'}")
+    return {"acc_untrained": acc0, "acc_sft": acc1, "acc_dpo": acc2, "pref_sft": pref0, "pref_dpo": pref1,
+            "times": times}
 
 
 if __name__ == "__main__":
