@@ -73,6 +73,26 @@ void set_strides(FlashAttnParams& p, const at::Tensor& q, const at::Tensor& k, c
   p.v_head_stride = v.stride(2 - o);
 }
 
+// The fields every dense (B, S, H, D) launch shares; callers add out/lse/grad pointers.
+FlashAttnParams dense_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal) {
+  FlashAttnParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.batch = q.size(0);
+  p.seqlen_q = q.size(1);
+  p.seqlen_k = k.size(1);
+  p.heads_q = q.size(2);
+  p.heads_kv = k.size(2);
+  p.head_dim = q.size(3);
+  p.total_q = q.size(0) * q.size(1);
+  set_strides(p, q, k, v, false);
+  p.scale = resolve_scale(scale, q.size(3));
+  p.causal = causal;
+  p.dtype = to_dtype(q.scalar_type());
+  return p;
+}
+
 [[noreturn]] void no_cuda(const at::Tensor& t) {
   LLMCORE_CHECK(false, "flash_attn: llmcore was built without CUDA support, got a tensor on ", t.device());
   throw;  // unreachable
@@ -125,30 +145,16 @@ void run_bwd(FlashAttnParams& p, const at::Tensor& q) {
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                   double softmax_scale, bool causal) {
   check_qkv(q_, k_, v_, 4);
-  const int64_t B = q_.size(0), Sq = q_.size(1), Hq = q_.size(2), D = q_.size(3), Sk = k_.size(1);
+  const int64_t B = q_.size(0), Sq = q_.size(1), Hq = q_.size(2), D = q_.size(3);
   LLMCORE_CHECK(k_.size(0) == B, "argument 'k' must have batch size ", B, " (q's), got shape ", k_.sizes());
   at::Tensor out = at::empty({B, Sq, Hq, D}, q_.options());
   at::Tensor lse = at::empty({B, Hq, Sq}, q_.options().dtype(acc_dtype(q_)));
   if (out.numel() == 0) return {out, lse};
   at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
   c10::OptionalDeviceGuard guard(q.device());
-  FlashAttnParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  FlashAttnParams p = dense_params(q, k, v, softmax_scale, causal);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  p.batch = B;
-  p.seqlen_q = Sq;
-  p.seqlen_k = Sk;
-  p.heads_q = Hq;
-  p.heads_kv = k.size(2);
-  p.head_dim = D;
-  p.total_q = B * Sq;
-  set_strides(p, q, k, v, false);
-  p.scale = resolve_scale(softmax_scale, D);
-  p.causal = causal;
-  p.dtype = to_dtype(q.scalar_type());
   run_fwd(p, q);
   return {out, lse};
 }
@@ -173,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(const at::Tensor& 
                                                               const at::Tensor& out_, const at::Tensor& lse_,
                                                               double softmax_scale, bool causal) {
   check_qkv(q_, k_, v_, 4);
-  const int64_t B = q_.size(0), Sq = q_.size(1), Hq = q_.size(2), D = q_.size(3), Sk = k_.size(1);
+  const int64_t B = q_.size(0), Sq = q_.size(1), Hq = q_.size(2);
   LLMCORE_CHECK(k_.size(0) == B, "argument 'k' must have batch size ", B, " (q's), got shape ", k_.sizes());
   check_bwd_extra(dout_, q_, out_, lse_, {B, Hq, Sq});
   at::Tensor dq = at::empty(q_.sizes(), q_.options());
@@ -186,27 +192,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(const at::Tensor& 
   at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
   at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
   c10::OptionalDeviceGuard guard(q.device());
-  FlashAttnParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  FlashAttnParams p = dense_params(q, k, v, softmax_scale, causal);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
   p.dout = dout.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.batch = B;
-  p.seqlen_q = Sq;
-  p.seqlen_k = Sk;
-  p.heads_q = Hq;
-  p.heads_kv = k.size(2);
-  p.head_dim = D;
-  p.total_q = B * Sq;
-  set_strides(p, q, k, v, false);
-  p.scale = resolve_scale(softmax_scale, D);
-  p.causal = causal;
-  p.dtype = to_dtype(q.scalar_type());
   run_bwd(p, q);
   return {dq, dk, dv};
 }
@@ -389,24 +381,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(const at::Tensor& q_,
   at::Tensor q = unit_last(q_);
   at::Tensor kc = unit_last(k_cache), vc = unit_last(v_cache);  // views: unit stride checked above
   at::Tensor seqused = (cs + s_new).to(at::kInt);
-  FlashAttnParams p;
-  p.q = q.data_ptr();
-  p.k = kc.data_ptr();
-  p.v = vc.data_ptr();
+  FlashAttnParams p = dense_params(q, kc, vc, softmax_scale, causal);  // seqlen_k = the cache's capacity
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  p.batch = B;
-  p.seqlen_q = Sq;
-  p.seqlen_k = Smax;
-  p.heads_q = Hq;
-  p.heads_kv = Hkv;
-  p.head_dim = D;
-  p.total_q = B * Sq;
-  set_strides(p, q, kc, vc, false);
   p.seqused_k = seqused.data_ptr<int32_t>();
-  p.scale = resolve_scale(softmax_scale, D);
-  p.causal = causal;
-  p.dtype = to_dtype(q.scalar_type());
   if (q.is_cpu()) {
     run_fwd(p, q);
     return {out, lse};
