@@ -2,6 +2,7 @@
 // registrations of every op; the module itself only exposes build information.
 #include <pybind11/pybind11.h>
 
+#include "common/cpu_avx512bf16.h"
 #include "common/cpu_utils.h"
 
 #ifndef LLMCORE_VERSION
@@ -32,6 +33,7 @@ PYBIND11_MODULE(_C, m) {
     d["version"] = LLMCORE_VERSION;
     d["cpu_isa_variants"] = LLMCORE_CPU_ISA_VARIANTS;
     d["cpu_isa_selected"] = selected_cpu_isa();
+    d["cpu_avx512bf16_path"] = llmcore::cpu_has_avx512bf16();  // bf16 kernels (common/cpu_avx512bf16.h)
 #ifdef LLMCORE_WITH_CUDA
     d["cuda_bindings"] = true;
 #else

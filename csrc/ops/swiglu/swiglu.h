@@ -36,6 +36,9 @@ struct SwigluParams {
 // CPU (swiglu_cpu.cpp): the elements [begin, end) of the row-major (rows, n) index space.
 void swiglu_fwd_cpu(const SwigluParams& p, int64_t begin, int64_t end);
 void swiglu_bwd_cpu(const SwigluParams& p, int64_t begin, int64_t end);
+// bfloat16 on CPUs with AVX512-BF16 (swiglu_avx512bf16_cpu.cpp); the two above dispatch to them.
+void swiglu_fwd_cpu_avx512bf16(const SwigluParams& p, int64_t begin, int64_t end);
+void swiglu_bwd_cpu_avx512bf16(const SwigluParams& p, int64_t begin, int64_t end);
 
 #if defined(__CUDACC__) || defined(LLMCORE_WITH_CUDA)
 cudaError_t swiglu_fwd_cuda(const SwigluParams& p, cudaStream_t stream);

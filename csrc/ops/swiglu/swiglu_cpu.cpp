@@ -7,6 +7,8 @@
 // compute-bound on CPU (about 30 vector ops per 16 elements), so every op counts.
 // Numerics: fp32 math (fp64 for float64), sig = 1 / (1 + e^-g), silu = g * sig; backward uses
 // PyTorch's silu_backward expression so inf/NaN come out where PyTorch's do.
+// bfloat16 on CPUs with AVX512-BF16 goes to swiglu_avx512bf16_cpu.cpp (same math, one-instruction
+// fp32 -> bf16 rounding).
 // The exp clamps are float comparisons; under the default -ftrapping-math GCC
 // will not if-convert them (a comparison may raise an FP exception), which leaves the loops scalar.
 // No llmcore code unmasks FP exceptions, so this file drops the assumption.
@@ -14,6 +16,7 @@
 
 #include "swiglu/swiglu.h"
 
+#include "common/cpu_avx512bf16.h"
 #include "common/cpu_math.h"
 #include "common/cpu_utils.h"
 
@@ -78,11 +81,13 @@ LLMCORE_INLINE void bwd_range(const SwigluParams& p, int64_t begin, int64_t end)
 
 LLMCORE_CPU_MULTIVERSION
 void swiglu_fwd_cpu(const SwigluParams& p, int64_t begin, int64_t end) {
+  if (p.dtype == DType::BFloat16 && cpu_has_avx512bf16()) return swiglu_fwd_cpu_avx512bf16(p, begin, end);
   LLMCORE_CPU_DISPATCH(p.dtype, fwd_range, (p, begin, end))
 }
 
 LLMCORE_CPU_MULTIVERSION
 void swiglu_bwd_cpu(const SwigluParams& p, int64_t begin, int64_t end) {
+  if (p.dtype == DType::BFloat16 && cpu_has_avx512bf16()) return swiglu_bwd_cpu_avx512bf16(p, begin, end);
   LLMCORE_CPU_DISPATCH(p.dtype, bwd_range, (p, begin, end))
 }
 
