@@ -46,6 +46,14 @@ LLMCORE_INLINE void bwd_segment(const T* dy, const T* g, const T* u, T* dg, T* d
   }
 }
 
+// Strided rows (the halves of a packed [gate | up] row) are walked in chunks that prefetch the
+// same chunk of the next row: the hardware prefetcher restarts at every row jump (packed was 1.8x
+// slower than two contiguous tensors out of cache without this).
+constexpr int64_t kChunk = 256;
+LLMCORE_INLINE void prefetch_span(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 3);
+}
+
 // Flat elements [begin, end) of the (rows, n) space, walked as row segments. Plain loops, no
 // lambdas, so everything inlines into each ISA clone of the entry points below.
 template <typename T>
@@ -56,7 +64,19 @@ LLMCORE_INLINE void fwd_range(const SwigluParams& p, int64_t begin, int64_t end)
   for (int64_t i = begin; i < end;) {
     const int64_t r = i / p.n, c = i - r * p.n;
     const int64_t len = (p.n - c) < (end - i) ? (p.n - c) : (end - i);
-    fwd_segment<T>(g + r * p.gate_rs + c, u + r * p.up_rs + c, y + r * p.n + c, len);
+    const T* gr = g + r * p.gate_rs + c;
+    const T* ur = u + r * p.up_rs + c;
+    T* yr = y + r * p.n + c;
+    if (p.gate_rs != p.n && i + len < end) {
+      for (int64_t j = 0; j < len; j += kChunk) {
+        const int64_t l = len - j < kChunk ? len - j : kChunk;
+        prefetch_span(gr + p.gate_rs + j, l * int64_t(sizeof(T)));
+        prefetch_span(ur + p.up_rs + j, l * int64_t(sizeof(T)));
+        fwd_segment<T>(gr + j, ur + j, yr + j, l);
+      }
+    } else {
+      fwd_segment<T>(gr, ur, yr, len);
+    }
     i += len;
   }
 }
@@ -71,8 +91,21 @@ LLMCORE_INLINE void bwd_range(const SwigluParams& p, int64_t begin, int64_t end)
   for (int64_t i = begin; i < end;) {
     const int64_t r = i / p.n, c = i - r * p.n;
     const int64_t len = (p.n - c) < (end - i) ? (p.n - c) : (end - i);
-    bwd_segment<T>(dy + r * p.n + c, g + r * p.gate_rs + c, u + r * p.up_rs + c, dg + r * p.dgate_rs + c,
-                   du + r * p.dup_rs + c, len);
+    const T* dyr = dy + r * p.n + c;
+    const T* gr = g + r * p.gate_rs + c;
+    const T* ur = u + r * p.up_rs + c;
+    T* dgr = dg + r * p.dgate_rs + c;
+    T* dur = du + r * p.dup_rs + c;
+    if (p.gate_rs != p.n && i + len < end) {
+      for (int64_t j = 0; j < len; j += kChunk) {
+        const int64_t l = len - j < kChunk ? len - j : kChunk;
+        prefetch_span(gr + p.gate_rs + j, l * int64_t(sizeof(T)));
+        prefetch_span(ur + p.up_rs + j, l * int64_t(sizeof(T)));
+        bwd_segment<T>(dyr + j, gr + j, ur + j, dgr + j, dur + j, l);
+      }
+    } else {
+      bwd_segment<T>(dyr, gr, ur, dgr, dur, len);
+    }
     i += len;
   }
 }
