@@ -5,6 +5,7 @@
 
 #include <atomic>
 
+#include "common/alloc.h"
 #include "common/checks.h"
 #include "moe/moe.h"
 
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_fwd(cons
   check_experts_on_device(x, num_experts, "moe_dispatch");
   at::Tensor x2 = as_rows(x, H), ids = topk_ids.to(at::kInt).contiguous();
   auto iopts = x.options().dtype(at::kInt);
-  at::Tensor xp = at::empty({T * k, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor xp = empty_output({T * k, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor tpe = at::empty({num_experts}, iopts), offsets = at::empty({num_experts + 1}, iopts);
   at::Tensor row_map = at::empty({T, k}, iopts);
   MoeSortParams sp;
@@ -218,7 +219,7 @@ at::Tensor moe_combine_fwd(const at::Tensor& y_permuted, const c10::optional<at:
                 " rows (one per routed pair), got shape ", y_permuted.sizes());
   at::Tensor w = prepare_weights(topk_weights, y_permuted, "y_permuted", T, k);
   at::Tensor yp = y_permuted.contiguous(), rm = row_map.contiguous();
-  at::Tensor y = at::empty({T, H}, y_permuted.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = empty_output({T, H}, y_permuted.options().memory_format(at::MemoryFormat::Contiguous));
   MoeRowsParams p;
   p.src = yp.data_ptr();
   p.dst = y.data_ptr();
@@ -254,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd(const at::Tensor& dy, const a
   check_shape(y_permuted, "y_permuted", {T * k, H});
   at::Tensor w = prepare_weights(topk_weights, y_permuted, "y_permuted", T, k);
   at::Tensor dy2 = dy.contiguous(), yp = y_permuted.contiguous(), rm = row_map.contiguous();
-  at::Tensor dyp = at::empty({T * k, H}, y_permuted.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dyp = empty_output({T * k, H}, y_permuted.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dw = at::empty({T, k}, w.options());
   MoeCombineBwdParams p;
   p.dy = dy2.data_ptr();

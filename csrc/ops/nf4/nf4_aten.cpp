@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/alloc.h"
 #include "common/checks.h"
 #include "nf4/nf4.h"
 
@@ -137,7 +138,7 @@ at::Tensor nf4_dequantize_fwd(const at::Tensor& packed, const at::Tensor& absmax
   } else {
     check_fp32(absmax, "absmax");
   }
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   if (n == 0) return out;
   Nf4DequantParams p;
   p.absmax = dq ? nullptr : am.data_ptr<float>();

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/alloc.h"
 #include "common/checks.h"
 #include "rms_norm/rms_norm.h"
 
@@ -78,7 +79,7 @@ void run_fwd(const RmsNormFwdParams& p, const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps) {
   Prepared pr = prepare_fwd(x, c10::nullopt, weight, eps);
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stat_dtype(x)));
   run_fwd(fwd_params(pr, y, at::Tensor(), rstd, eps), x);
   return {y, rstd};
@@ -88,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor
                                                                 const at::Tensor& weight, double eps) {
   Prepared pr = prepare_fwd(x, residual, weight, eps);
   auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor y = at::empty(x.sizes(), opts), h = at::empty(x.sizes(), opts);
+  at::Tensor y = empty_output(x.sizes(), opts), h = empty_output(x.sizes(), opts);
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stat_dtype(x)));
   run_fwd(fwd_params(pr, y, h, rstd, eps), x);
   return {y, h, rstd};
@@ -115,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
     check_same_dtype(x, "x", *dextra, "dextra");
     de = dextra->contiguous();
   }
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dw = at::empty({n}, weight.options());
   RmsNormBwdParams p;
   p.dy = dy2.data_ptr();

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/alloc.h"
 #include "common/checks.h"
 #include "rope/rope.h"
 
@@ -115,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> rope_apply(const at::Tensor& q_in, const at::
   check_inputs(q_in, k_in, cos, sin, positions, position_offset);
   at::Tensor q = unit_last(q_in, "q", true), k = unit_last(k_in, "k", true);
   auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor q_out = at::empty(q.sizes(), opts), k_out = at::empty(k.sizes(), opts);
+  at::Tensor q_out = empty_output(q.sizes(), opts), k_out = empty_output(k.sizes(), opts);
   RopeParams p;
   run(p, q, k, cos, sin, positions, position_offset, interleaved, inverse, q_out, k_out);
   return {q_out, k_out};

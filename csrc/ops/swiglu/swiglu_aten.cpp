@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/alloc.h"
 #include "common/checks.h"
 #include "swiglu/swiglu.h"
 
@@ -69,7 +70,7 @@ std::pair<at::Tensor, at::Tensor> pair_rows(const at::Tensor& gate, const at::Te
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   check_pair(gate, up);
   auto [g2, u2] = pair_rows(gate, up);
-  at::Tensor y = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = empty_output(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
   SwigluParams p;
   p.gate = g2.data_ptr(), p.up = u2.data_ptr(), p.y = y.data_ptr();
   p.gate_rs = g2.stride(0), p.up_rs = u2.stride(0);
@@ -87,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
   auto [g2, u2] = pair_rows(gate, up);
   at::Tensor d = dy.contiguous();
   auto opts = gate.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dg = at::empty(gate.sizes(), opts), du = at::empty(gate.sizes(), opts);
+  at::Tensor dg = empty_output(gate.sizes(), opts), du = empty_output(gate.sizes(), opts);
   SwigluParams p;
   p.gate = g2.data_ptr(), p.up = u2.data_ptr(), p.dy = d.data_ptr(), p.dgate = dg.data_ptr(), p.dup = du.data_ptr();
   p.gate_rs = g2.stride(0), p.up_rs = u2.stride(0);
@@ -117,7 +118,7 @@ std::vector<int64_t> half_shape(const at::Tensor& gate_up, int64_t F) {
 at::Tensor swiglu_packed_fwd(const at::Tensor& gate_up) {
   int64_t F = 0;
   at::Tensor gu = packed_rows(gate_up, F);
-  at::Tensor y = at::empty(half_shape(gate_up, F), gate_up.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = empty_output(half_shape(gate_up, F), gate_up.options().memory_format(at::MemoryFormat::Contiguous));
   SwigluParams p;
   p.rows = gu.size(0), p.n = F;
   if (p.rows * F > 0) {
@@ -137,7 +138,7 @@ at::Tensor swiglu_packed_bwd(const at::Tensor& dy, const at::Tensor& gate_up) {
   check_same_dtype(gate_up, "gate_up", dy, "dy");
   check_shape(dy, "dy", half_shape(gate_up, F));
   at::Tensor d = dy.contiguous();
-  at::Tensor dgu = at::empty(gate_up.sizes(), gate_up.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dgu = empty_output(gate_up.sizes(), gate_up.options().memory_format(at::MemoryFormat::Contiguous));
   SwigluParams p;
   p.rows = gu.size(0), p.n = F;
   if (p.rows * F > 0) {
