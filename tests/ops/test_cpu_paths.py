@@ -50,3 +50,37 @@ def test_avx512bf16_path_matches_generic_path(tmp_path):
         # one bf16 rounding apart at most (the two paths order the divide differently)
         torch.testing.assert_close(fast[k].float(), generic[k].float(), rtol=2 ** -7, atol=1e-30, equal_nan=True,
                                    msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_outputs_threads_and_huge_pages(dtype, threads):
+    """Outputs >= 8 MB take the huge-page allocation (common/alloc.h) and every op splits its work
+    over the OpenMP pool: results must match the references, bitwise equal across thread counts."""
+    import llmcore.ops as lo
+    from tests.conftest import assert_close
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1024, 2304, generator=g).to(dtype)  # 9 MB in fp32
+        w = torch.randn(2304, generator=g).to(dtype)
+        u = torch.randn(1024, 2304, generator=g).to(dtype)
+        assert_close(lo.rms_norm(x, w), lo.rms_norm_reference(x, w), name="rms_norm")
+        assert_close(lo.swiglu(x, u), lo.swiglu_reference(x, u), name="swiglu")
+        q = torch.randn(4, 512, 16, 64, generator=g).to(dtype)  # 8 MB in fp32
+        k = torch.randn(4, 512, 4, 64, generator=g).to(dtype)
+        cos, sin = lo.rope_cache(512, 64)
+        for a, b in zip(lo.rope(q, k, cos, sin), lo.rope_reference(q, k, cos, sin)):
+            assert_close(a, b, name="rope")
+        outs = [lo.rms_norm(x, w), lo.swiglu(x, u), *lo.rope(q, k, cos, sin)]
+    finally:
+        torch.set_num_threads(old)
+    torch.set_num_threads(1 if threads == 2 else 2)
+    try:
+        again = [lo.rms_norm(x, w), lo.swiglu(x, u), *lo.rope(q, k, cos, sin)]
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(outs, again):
+        assert torch.equal(a, b)
