@@ -104,9 +104,13 @@ def measure(benchmark, fn, *, op, provider, mode, shape, dtype, device, nbytes=N
         row.update(rate=f"{gbs:.1f} GB/s", ceiling=f"{100 * gbs / lim:.0f}% of {lim:.0f} GB/s copy")
         benchmark.extra_info["GB/s"] = round(gbs, 2)
     if flops:
+        # the ceiling in the row's own dtype: fp32 rows against the fp32 matmul rate (on CPU half
+        # the bf16 one), 16-bit rows against that dtype's
+        mm_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
         tf = flops / med / 1e12
-        lim = matmul_tflops(device)
-        row.update(rate=f"{tf:.2f} TFLOP/s", ceiling=f"{100 * tf / lim:.0f}% of {lim:.1f} TFLOP/s bf16 mm")
+        lim = matmul_tflops(device, mm_dtype)
+        name = str(mm_dtype).replace("torch.", "").replace("float", "fp").replace("bfp", "bf")
+        row.update(rate=f"{tf:.2f} TFLOP/s", ceiling=f"{100 * tf / lim:.0f}% of {lim:.2f} TFLOP/s {name} mm")
         benchmark.extra_info["TFLOP/s"] = round(tf, 3)
     ROWS.append(row)
     return med
