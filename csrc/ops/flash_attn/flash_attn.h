@@ -94,6 +94,14 @@ int64_t flash_attn_bwd_cpu_num_splits(const FlashAttnParams& p);
 void flash_attn_bwd_cpu(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin, int64_t item_end);
 void flash_attn_bwd_cpu_reduce_dq(const FlashAttnParams& p, int64_t num_splits, int64_t row_begin, int64_t row_end);
 void flash_attn_kv_append_cpu(const KvAppendParams& p);
+// bfloat16 inputs on CPUs with AVX512-BF16 (flash_attn_bf16_cpu.cpp): the entry points above
+// route bf16 here when flash_attn_cpu_bf16_dot() (run-time CPU check, once; the environment
+// variable LLMCORE_FLASH_CPU_BF16DOT=0 turns it off) is true. Same items, splits, dq_accum layout
+// and kv_tiles size as above (the tiles then hold bf16 packed K / V, half the bytes).
+bool flash_attn_cpu_bf16_dot();
+void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams& p, int64_t item_begin, int64_t item_end);
+void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end);
+void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin, int64_t item_end);
 
 #if defined(__CUDACC__) || defined(LLMCORE_WITH_CUDA)
 // ---- CUDA (flash_attn_fwd_cuda.cu, flash_attn_bwd_cuda.cu, flash_attn_decode_cuda.cu) ----

@@ -1,0 +1,468 @@
+// flash_attn_bf16_cpu.cpp — CPU flash attention for bfloat16 inputs on CPUs with AVX512-BF16
+// (math and layout in flash_attn.h; the fp32 tile path and the loop structure it mirrors in
+// flash_attn_cpu.cpp). The entry points there call these functions for bf16 inputs when
+// flash_attn_cpu_bf16_dot() says the CPU has avx512bf16 (checked once at run time, see below);
+// every other CPU and dtype keeps the fp32 tile path.
+//
+// Tile GEMMs with vdpbf16ps (_mm512_dpbf16_ps: per fp32 lane c += a0 * b0 + a1 * b1, bf16 products
+// exact in fp32, fp32 accumulation), 2x the fp32 FMA rate. C[M][N] (+)= A[M][K] B[K][N] with K taken
+// in pairs: A element (i, pair kk) is a 32-bit pair of bf16 read at a32[i * asi + kk * ask] and
+// broadcast, B is packed "VNNI" [K/2][N][2] (pairs along k interleaved per column); K is padded to
+// even with zeros on both sides. Register block: 4 rows x up to 4 zmm (64 fp32 columns).
+// Packed layouts (Dp = D rounded up to 16, n = keys in the block, padding always zero):
+//   row-major   X[rows][Dp] bf16             (A operand of S = Q K^T and dP = dO V^T)
+//   "cols"      Xt[Dp/2][64][2]: pairs of D per key (B operand of S = Q K^T and dP = dO V^T)
+//   "vnni"      Xv[rows/2][Dp][2]: pairs of rows   (B operand of O += P V, dV += P^T dO,
+//                                                   dK += dS^T Q, dQ += dS K)
+//   A = P^T / dS^T is the vnni packing of P / dS [BQ/2][64][2] read with asi = 1, ask = 64: no
+//   transposes anywhere except the 32-bit one that builds K^T / V^T ("cols") per key block.
+// Forward, item = (b, q head, block of 64 queries), as the fp32 path: S = Q K^T (Q as stored, not
+//   pre-scaled), S *= scale * log2 e in fp32, mask, online softmax in fp32 (row sum l from the fp32
+//   P), P rounded to bf16 for O += P V, O in fp32. The shared K/V pre-pack (flash_attn_pack_kv_cpu)
+//   holds per key block Kt "cols" [Dp/2][64][2] then V "vnni" [32][Dp][2], bf16 (half of the fp32
+//   tile bytes the ATen layer allocates).
+// Backward, item = (b, kv head, split of the key blocks) as the fp32 path, but the split's key blocks
+//   go in chunks of kChunk: for each chunk, pack K ("cols" and "vnni") and V ("cols") once, then for
+//   each q head of the group and each query block that sees the chunk, convert Q / dO once (row-major
+//   and vnni) and run every key block of the chunk: P = exp2(S * scale log2 e - lse log2 e),
+//   dV += P^T dO, dP = dO V^T, dS = scale P (dP - delta), dK += dS^T Q, dQ_split += dS K; P and dS
+//   are computed in fp32 and rounded to bf16 as GEMM operands. Per key block the (head, q block)
+//   accumulation order is the fp32 path's; per dQ row the key blocks go in ascending order;
+//   the split count depends on shapes only: bitwise deterministic and thread-count independent.
+// Numerics: bf16 operands (inputs exactly, P and dS rounded to nearest even), fp32 accumulation and
+// fp32 softmax, as FlashAttention-2 on GPUs; outputs rounded once to bf16.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_utils.h"
+#include "flash_attn/flash_attn.h"
+#include "flash_attn/flash_attn_cpu_tile.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LLMCORE_NO_MULTIVERSION)
+#define LLMCORE_FA_BF16DOT 1
+#include <immintrin.h>
+#endif
+
+namespace llmcore {
+
+#ifdef LLMCORE_FA_BF16DOT
+
+bool flash_attn_cpu_bf16_dot() {
+  // LLMCORE_FLASH_CPU_BF16DOT=0 forces the fp32 tile path (for comparisons); read once.
+  static const bool ok = [] {
+    const char* env = std::getenv("LLMCORE_FLASH_CPU_BF16DOT");
+    if (env && env[0] == '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
+}
+
+namespace {
+
+#define FA_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define FA_INLINE FA_TARGET inline __attribute__((always_inline))
+
+constexpr int kChunk = 8;  // backward: key blocks whose packed K / V and dK / dV stay resident
+
+LLMCORE_INLINE uint32_t ld32(const uint16_t* p) {
+  uint32_t r;
+  std::memcpy(&r, p, 4);
+  return r;
+}
+
+// ---- C[M][N] (=|+=) sum_kk A(i, kk) . B[kk][N][2]; N a multiple of 16 ----
+template <int NV>
+FA_INLINE void dp_cols(int M, int K2, const uint16_t* a, int64_t asi, int64_t ask, const uint16_t* b, int64_t ldb,
+                       float* c, int64_t ldc, bool acc) {
+  // a, asi, ask in 32-bit pair units: pair (i, kk) at a + 2 * (i * asi + kk * ask); ldb in bf16 elements
+  int i = 0;
+  for (; i + 4 <= M; i += 4) {
+    __m512 r[4][NV];
+#pragma GCC unroll 4
+    for (int rr = 0; rr < 4; ++rr)
+#pragma GCC unroll 4
+      for (int x = 0; x < NV; ++x) r[rr][x] = acc ? _mm512_loadu_ps(c + (i + rr) * ldc + 16 * x) : _mm512_setzero_ps();
+    const uint16_t* ap = a + 2 * i * asi;
+    for (int kk = 0; kk < K2; ++kk) {
+      __m512bh bv[NV];
+#pragma GCC unroll 4
+      for (int x = 0; x < NV; ++x) bv[x] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + 32 * x);
+#pragma GCC unroll 4
+      for (int rr = 0; rr < 4; ++rr) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ld32(ap + 2 * (rr * asi + kk * ask))));
+#pragma GCC unroll 4
+        for (int x = 0; x < NV; ++x) r[rr][x] = _mm512_dpbf16_ps(r[rr][x], av, bv[x]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int rr = 0; rr < 4; ++rr)
+#pragma GCC unroll 4
+      for (int x = 0; x < NV; ++x) _mm512_storeu_ps(c + (i + rr) * ldc + 16 * x, r[rr][x]);
+  }
+  for (; i < M; ++i) {
+    __m512 r[NV];
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) r[x] = acc ? _mm512_loadu_ps(c + i * ldc + 16 * x) : _mm512_setzero_ps();
+    for (int kk = 0; kk < K2; ++kk) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ld32(a + 2 * (i * asi + kk * ask))));
+#pragma GCC unroll 4
+      for (int x = 0; x < NV; ++x)
+        r[x] = _mm512_dpbf16_ps(r[x], av, (__m512bh)_mm512_loadu_si512(b + kk * ldb + 32 * x));
+    }
+#pragma GCC unroll 4
+    for (int x = 0; x < NV; ++x) _mm512_storeu_ps(c + i * ldc + 16 * x, r[x]);
+  }
+}
+
+FA_INLINE void dp_gemm(int M, int N, int K2, const uint16_t* a, int64_t asi, int64_t ask, const uint16_t* b,
+                       int64_t ldb, float* c, int64_t ldc, bool acc) {
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    switch (std::min(4, (N - n0) / 16)) {
+      case 4: dp_cols<4>(M, K2, a, asi, ask, b + 2 * n0, ldb, c + n0, ldc, acc); break;
+      case 3: dp_cols<3>(M, K2, a, asi, ask, b + 2 * n0, ldb, c + n0, ldc, acc); break;
+      case 2: dp_cols<2>(M, K2, a, asi, ask, b + 2 * n0, ldb, c + n0, ldc, acc); break;
+      default: dp_cols<1>(M, K2, a, asi, ask, b + 2 * n0, ldb, c + n0, ldc, acc); break;
+    }
+  }
+}
+
+// ---- packing ----
+FA_INLINE __mmask16 mask16(int64_t c, int64_t D) {
+  return c + 16 <= D ? __mmask16(0xFFFF) : c >= D ? __mmask16(0) : __mmask16((1u << (D - c)) - 1u);
+}
+
+// dst[Dp] <- src[0..D) then zeros; src == nullptr: all zeros
+FA_INLINE void copy_row(uint16_t* dst, const uint16_t* src, int64_t D, int64_t Dp) {
+  for (int64_t c = 0; c < Dp; c += 16) {
+    const __m256i v = src ? _mm256_maskz_loadu_epi16(mask16(c, D), src + c) : _mm256_setzero_si256();
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), v);
+  }
+}
+
+// dst[Dp][2] <- (r0[c], r1[c]) interleaved (zeros past D; a nullptr row is zeros)
+FA_INLINE void interleave_rows(uint16_t* dst, const uint16_t* r0, const uint16_t* r1, int64_t D, int64_t Dp) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t c = 0; c < Dp; c += 16) {
+    const __mmask16 mk = mask16(c, D);
+    const __m256i lo = r0 ? _mm256_maskz_loadu_epi16(mk, r0 + c) : _mm256_setzero_si256();
+    const __m256i hi = r1 ? _mm256_maskz_loadu_epi16(mk, r1 + c) : _mm256_setzero_si256();
+    const __m512i v = _mm512_inserti64x4(_mm512_zextsi256_si512(lo), hi, 1);
+    _mm512_storeu_si512(dst + 2 * c, _mm512_permutexvar_epi16(idx, v));
+  }
+}
+
+// rows [0, n) of a strided (n, D) bf16 matrix -> vnni dst[n_pad / 2][Dp][2] (n_pad even, >= n)
+FA_INLINE void pack_vnni(uint16_t* dst, const uint16_t* src, int64_t row_stride, int n, int n_pad, int64_t D,
+                         int64_t Dp) {
+  for (int r = 0; r < n_pad; r += 2)
+    interleave_rows(dst + r * Dp, r < n ? src + r * row_stride : nullptr,
+                    r + 1 < n ? src + (r + 1) * row_stride : nullptr, D, Dp);
+}
+
+// rows [0, n) of a strided (n, D) bf16 matrix -> "cols" dst[Dp/2][BK][2] (keys >= n zero)
+FA_INLINE void pack_cols(uint16_t* dst, const uint16_t* src, int64_t row_stride, int n, int64_t D, int64_t Dp) {
+  alignas(64) uint16_t row[kFlashCpuMaxHeadDim + 16];
+  uint32_t* d32 = reinterpret_cast<uint32_t*>(dst);
+  for (int j = 0; j < BK; ++j) {
+    if (j < n) {
+      copy_row(row, src + j * row_stride, D, Dp);
+      for (int64_t kk = 0; kk < Dp / 2; ++kk) d32[kk * BK + j] = ld32(row + 2 * kk);
+    } else {
+      for (int64_t kk = 0; kk < Dp / 2; ++kk) d32[kk * BK + j] = 0;
+    }
+  }
+}
+
+// fp32 rows [0, m) of src[.][ld] (N columns, N a multiple of 16) -> vnni dst[(m+1)/2][N][2] bf16
+FA_INLINE void vnni_f32(uint16_t* dst, const float* src, int64_t ld, int m, int N) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int r = 0; r < m; r += 2) {
+    const float* r0 = src + r * ld;
+    const float* r1 = r + 1 < m ? src + (r + 1) * ld : nullptr;
+    for (int c = 0; c < N; c += 16) {
+      const __m512 hi = r1 ? _mm512_loadu_ps(r1 + c) : _mm512_setzero_ps();
+      const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, _mm512_loadu_ps(r0 + c));  // lanes 0-15 r0, 16-31 r1
+      _mm512_storeu_si512(dst + r * N + 2 * c, _mm512_permutexvar_epi16(idx, v));
+    }
+  }
+}
+
+// fp32 row of N (a multiple of 32) -> bf16
+FA_INLINE void cvt_row(uint16_t* dst, const float* src, int N) {
+  for (int c = 0; c < N; c += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + c + 16), _mm512_loadu_ps(src + c));
+    _mm512_storeu_si512(dst + c, (__m512i)v);
+  }
+}
+
+LLMCORE_INLINE const uint16_t* bits(const void* p) { return static_cast<const uint16_t*>(p); }
+
+// ---- forward ----
+FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
+  const int64_t D = p.head_dim, Dp = round16(D), Hq = p.heads_q, G = Hq / p.heads_kv;
+  const int64_t nqb = (p.seqlen_q + BQ - 1) / BQ, nkb = (p.seqlen_k + BK - 1) / BK;
+  const int D2 = static_cast<int>((D + 1) / 2);
+  std::vector<uint16_t> hbuf(BQ * Dp + 2 * Dp * BK + BQ * BK);
+  std::vector<float> fbuf(BQ * BK + BQ * Dp + 2 * BQ);
+  uint16_t* Qb = hbuf.data();  // [BQ][Dp]
+  uint16_t* Kt = Qb + BQ * Dp;  // cols [Dp/2][BK][2]
+  uint16_t* Vv = Kt + Dp * BK;  // vnni [BK/2][Dp][2]
+  uint16_t* Pb = Vv + BK * Dp;  // [BQ][BK]
+  float* S = fbuf.data();
+  float* O = S + BQ * BK;
+  float* mrow = O + BQ * Dp;
+  float* lrow = mrow + BQ;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const v16f qmul = vbcast(static_cast<float>(p.scale) * static_cast<float>(kLog2e));
+  const uint16_t* tiles = bits(p.kv_tiles);
+  bf16_t* out = static_cast<bf16_t*>(p.out);
+  float* lse = static_cast<float*>(p.lse);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t qb = item % nqb, h = (item / nqb) % Hq, b = item / nqb / Hq;
+    const Seq s = seq_of(p, b);
+    const int64_t i0 = qb * BQ;
+    if (i0 >= s.sq) continue;
+    const int m = static_cast<int>(std::min<int64_t>(BQ, s.sq - i0));
+    const int64_t hk = h / G, off = s.sk - s.sq;
+    int64_t kend = p.causal ? std::min<int64_t>(s.sk, i0 + m + off) : s.sk;
+    kend = std::max<int64_t>(kend, 0);
+    const uint16_t* qp = bits(p.q) + s.q_off + i0 * p.q_row_stride + h * p.q_head_stride;
+    for (int i = 0; i < m; ++i) copy_row(Qb + i * Dp, qp + i * p.q_row_stride, D, Dp);
+    std::fill(O, O + m * Dp, 0.f);
+    std::fill(mrow, mrow + m, ninf);
+    std::fill(lrow, lrow + m, 0.f);
+    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+      const int n = static_cast<int>(std::min<int64_t>(BK, kend - j0));
+      const uint16_t* KtB = Kt;
+      const uint16_t* VB = Vv;
+      if (tiles) {
+        KtB = tiles + ((b * p.heads_kv + hk) * nkb + j0 / BK) * 2 * Dp * BK;
+        VB = KtB + Dp * BK;
+      } else {
+        pack_cols(Kt, bits(p.k) + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride, n, D, Dp);
+        pack_vnni(Vv, bits(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, n, BK, D,
+                  Dp);
+      }
+      dp_gemm(m, BK, D2, Qb, Dp / 2, 1, KtB, 2 * BK, S, BK, false);
+      const bool diag = p.causal && j0 + BK - 1 > i0 + off;
+      for (int i = 0; i < m; ++i) {
+        float* si = S + i * BK;
+#pragma GCC unroll 4
+        for (int x = 0; x < BK / 16; ++x) vstore(si + 16 * x, vload(si + 16 * x) * qmul);
+        const int64_t lim = diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n;  // visible: jj < lim
+        for (int jj = static_cast<int>(std::max<int64_t>(lim, 0)); jj < BK; ++jj) si[jj] = ninf;
+        const float mx = max_row(si);
+        const float mnew = std::max(mrow[i], mx);
+        if (mnew == ninf) {  // nothing visible yet in this row: P = 0
+          std::fill(si, si + BK, 0.f);
+        } else {
+          const float alpha = mrow[i] == ninf ? 0.f : std::exp2(mrow[i] - mnew);
+          const float rs = exp2_row(si, mnew);
+          lrow[i] = lrow[i] * alpha + rs;
+          mrow[i] = mnew;
+          if (alpha != 1.f) {
+            float* oi = O + i * Dp;
+            for (int64_t c = 0; c < Dp; ++c) oi[c] *= alpha;
+          }
+        }
+        cvt_row(Pb + i * BK, si, BK);
+      }
+      dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, Pb, BK / 2, 1, VB, 2 * Dp, O, Dp, true);
+    }
+    for (int i = 0; i < m; ++i) {
+      bf16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
+      const float* src = O + i * Dp;
+      const int64_t li = lse_index(p, b, s, h, i0 + i);
+      if (lrow[i] == 0.f) {
+        for (int64_t c = 0; c < D; ++c) oi[c] = narrow<bf16_t>(0.f);
+        lse[li] = ninf;
+      } else {
+        const float inv = 1.f / lrow[i];
+        for (int64_t c = 0; c < D; ++c) oi[c] = narrow<bf16_t>(src[c] * inv);
+        lse[li] = (mrow[i] + std::log2(lrow[i])) * static_cast<float>(kLn2);
+      }
+    }
+  }
+}
+
+FA_INLINE void pack_kv_range(const FlashAttnParams& p, void* tiles_v, int64_t begin, int64_t end) {
+  const int64_t D = p.head_dim, Dp = round16(D), nkb = (p.seqlen_k + BK - 1) / BK;
+  uint16_t* tiles = static_cast<uint16_t*>(tiles_v);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t kb = t % nkb, hk = (t / nkb) % p.heads_kv, b = t / nkb / p.heads_kv;
+    const Seq s = seq_of(p, b);
+    const int64_t j0 = kb * BK;
+    if (j0 >= s.sk) continue;
+    const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+    uint16_t* kt = tiles + t * 2 * Dp * BK;
+    pack_cols(kt, bits(p.k) + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride, n, D, Dp);
+    pack_vnni(kt + Dp * BK, bits(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, n, BK,
+              D, Dp);
+  }
+}
+
+// ---- backward ----
+FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, int64_t end) {
+  const int64_t D = p.head_dim, Dp = round16(D), Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
+  const int D2 = static_cast<int>((D + 1) / 2);
+  // per chunk key block: Kt cols, Kv vnni, Vt cols (bf16), dK, dV (fp32)
+  std::vector<uint16_t> kvbuf(kChunk * 3 * BK * Dp);
+  std::vector<float> dkv(kChunk * 2 * BK * Dp);
+  std::vector<uint16_t> qbuf(4 * BQ * Dp + 3 * BQ * BK);
+  std::vector<float> fbuf(2 * BQ * BK + 2 * BQ);
+  uint16_t* Qb = qbuf.data();   // [BQ][Dp]
+  uint16_t* Qv = Qb + BQ * Dp;  // vnni [BQ/2][Dp][2]
+  uint16_t* dOb = Qv + BQ * Dp;
+  uint16_t* dOv = dOb + BQ * Dp;
+  uint16_t* Pv = dOv + BQ * Dp;  // vnni [BQ/2][BK][2]
+  uint16_t* dSv = Pv + BQ * BK;  // vnni [BQ/2][BK][2]
+  uint16_t* dSb = dSv + BQ * BK;  // [BQ][BK]
+  float* P = fbuf.data();  // [BQ][BK]
+  float* dS = P + BQ * BK;
+  float* lse2 = dS + BQ * BK;
+  float* delta = lse2 + BQ;
+  const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
+  const float c2 = static_cast<float>(p.scale) * static_cast<float>(kLog2e), scale = static_cast<float>(p.scale);
+  const v16f c2v = vbcast(c2), scalev = vbcast(scale);
+  const bf16_t* out = static_cast<const bf16_t*>(p.out);
+  const bf16_t* dout = static_cast<const bf16_t*>(p.dout);
+  const float* lse = static_cast<const float*>(p.lse);
+  bf16_t* dk = static_cast<bf16_t*>(p.dk);
+  bf16_t* dv = static_cast<bf16_t*>(p.dv);
+  float* dq_accum = static_cast<float*>(p.dq_accum);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t split = item % ns, hk = (item / ns) % Hkv, b = item / ns / Hkv;
+    const Seq s = seq_of(p, b);
+    const int64_t off = s.sk - s.sq, nkb = (s.sk + BK - 1) / BK;
+    int64_t kb0, kb1;
+    split_range(nkb, ns, split, kb0, kb1);
+    float* dqa = dq_accum + split * p.total_q * Hq * Dp;
+    for (int64_t c0 = kb0; c0 < kb1; c0 += kChunk) {
+      const int64_t c1 = std::min<int64_t>(kb1, c0 + kChunk);
+      for (int64_t kb = c0; kb < c1; ++kb) {
+        const int64_t j0 = kb * BK;
+        const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+        uint16_t* kv = kvbuf.data() + (kb - c0) * 3 * BK * Dp;
+        const uint16_t* kp = bits(p.k) + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride;
+        const uint16_t* vp = bits(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride;
+        pack_cols(kv, kp, p.k_row_stride, n, D, Dp);
+        pack_vnni(kv + BK * Dp, kp, p.k_row_stride, n, BK, D, Dp);
+        pack_cols(kv + 2 * BK * Dp, vp, p.v_row_stride, n, D, Dp);
+        float* d = dkv.data() + (kb - c0) * 2 * BK * Dp;
+        std::fill(d, d + 2 * BK * Dp, 0.f);
+      }
+      const int64_t qstart = p.causal ? std::max<int64_t>(0, c0 * BK - off) : 0;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        for (int64_t i0 = qstart / BQ * BQ; i0 < s.sq; i0 += BQ) {
+          const int m = static_cast<int>(std::min<int64_t>(BQ, s.sq - i0));
+          // key blocks of the chunk this query block sees: keys j <= i0 + m - 1 + off
+          const int64_t last_key = p.causal ? i0 + m - 1 + off : s.sk - 1;
+          if (last_key < c0 * BK) continue;
+          const int64_t kbe = std::min<int64_t>(c1, last_key / BK + 1);
+          const uint16_t* qp = bits(p.q) + s.q_off + i0 * p.q_row_stride + h * p.q_head_stride;
+          const uint16_t* dop = bits(p.dout) + ((s.row0 + i0) * Hq + h) * D;
+          for (int i = 0; i < m; ++i) {
+            copy_row(Qb + i * Dp, qp + i * p.q_row_stride, D, Dp);
+            copy_row(dOb + i * Dp, dop + i * Hq * D, D, Dp);
+          }
+          const int mp = (m + 1) / 2 * 2;
+          pack_vnni(Qv, qp, p.q_row_stride, m, mp, D, Dp);
+          pack_vnni(dOv, dop, Hq * D, m, mp, D, Dp);
+          for (int i = 0; i < m; ++i) {
+            const bf16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
+            const bf16_t* doi = dout + ((s.row0 + i0 + i) * Hq + h) * D;
+            float acc = 0;
+            for (int64_t c = 0; c < D; ++c) acc += widen(oi[c]) * widen(doi[c]);
+            delta[i] = acc;
+            const float l = lse[lse_index(p, b, s, h, i0 + i)];
+            lse2[i] = l == ninf ? pinf : l * static_cast<float>(kLog2e);
+          }
+          for (int64_t kb = c0; kb < kbe; ++kb) {
+            const int64_t j0 = kb * BK;
+            const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+            const uint16_t* Kt = kvbuf.data() + (kb - c0) * 3 * BK * Dp;
+            const uint16_t* Kv = Kt + BK * Dp;
+            const uint16_t* Vt = Kv + BK * Dp;
+            float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
+            float* dV = dK + BK * Dp;
+            dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);  // S = Q K^T
+            const bool diag = p.causal && j0 + BK - 1 > i0 + off;
+            for (int i = 0; i < m; ++i) {
+              float* pi = P + i * BK;
+              const v16f l2 = vbcast(lse2[i]);
+#pragma GCC unroll 4
+              for (int x = 0; x < BK / 16; ++x) vstore(pi + 16 * x, vload(pi + 16 * x) * c2v - l2);
+              const int64_t lim = diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n;
+              for (int jj = static_cast<int>(std::max<int64_t>(lim, 0)); jj < BK; ++jj) pi[jj] = ninf;
+              exp2_row(pi, 0.f);
+            }
+            vnni_f32(Pv, P, BK, m, BK);
+            dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
+            dp_gemm(m, BK, D2, dOb, Dp / 2, 1, Vt, 2 * BK, dS, BK, false);                  // dP = dO V^T
+            for (int i = 0; i < m; ++i) {
+              float* di = dS + i * BK;
+              const float* pi = P + i * BK;
+              const v16f dl = vbcast(delta[i]);
+#pragma GCC unroll 4
+              for (int x = 0; x < BK / 16; ++x)
+                vstore(di + 16 * x, vload(pi + 16 * x) * (vload(di + 16 * x) - dl) * scalev);
+              cvt_row(dSb + i * BK, di, BK);
+            }
+            vnni_f32(dSv, dS, BK, m, BK);
+            dp_gemm(BK, static_cast<int>(Dp), mp / 2, dSv, 1, BK, Qv, 2 * Dp, dK, Dp, true);  // dK += dS^T Q
+            dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, dSb, BK / 2, 1, Kv, 2 * Dp,          // dQ += dS K
+                    dqa + ((s.row0 + i0) * Hq + h) * Dp, Hq * Dp, true);
+          }
+        }
+      }
+      for (int64_t kb = c0; kb < c1; ++kb) {
+        const int64_t j0 = kb * BK;
+        const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+        const float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
+        const float* dV = dK + BK * Dp;
+        for (int jj = 0; jj < n; ++jj) {
+          bf16_t* dkr = dk + ((s.k_row0 + j0 + jj) * Hkv + hk) * D;
+          bf16_t* dvr = dv + ((s.k_row0 + j0 + jj) * Hkv + hk) * D;
+          for (int64_t c = 0; c < D; ++c) {
+            dkr[c] = narrow<bf16_t>(dK[jj * Dp + c]);
+            dvr[c] = narrow<bf16_t>(dV[jj * Dp + c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+FA_TARGET void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams& p, int64_t item_begin, int64_t item_end) {
+  fwd_range(p, item_begin, item_end);
+}
+FA_TARGET void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams& p, void* tiles, int64_t tile_begin,
+                                              int64_t tile_end) {
+  pack_kv_range(p, tiles, tile_begin, tile_end);
+}
+FA_TARGET void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin,
+                                          int64_t item_end) {
+  bwd_range(p, num_splits, item_begin, item_end);
+}
+
+#else  // not x86-64 GCC/Clang: no AVX512-BF16 path
+
+bool flash_attn_cpu_bf16_dot() { return false; }
+void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams&, int64_t, int64_t) { std::abort(); }
+void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams&, void*, int64_t, int64_t) { std::abort(); }
+void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams&, int64_t, int64_t, int64_t) { std::abort(); }
+
+#endif
+
+}  // namespace llmcore
