@@ -373,6 +373,85 @@ def test_backward_deterministic(device):
         assert torch.equal(a, b), f"{nm} differs between two identical backward passes"
 
 
+# ---- CPU bf16 inputs on AVX512-BF16 CPUs: vdpbf16ps tile GEMMs (flash_attn_bf16_cpu.cpp) ----
+def _skip_without_bf16_dot():
+    import llmcore
+    path = llmcore.build_info().get("flash_attn_cpu_bf16", "")
+    if not path.startswith("avx512bf16"):
+        pytest.skip(f"CPU bf16 flash attention runs the fp32 tile path here ({path or 'unknown'}): "
+                    "no avx512_bf16 on this CPU, or LLMCORE_FLASH_CPU_BF16DOT=0")
+
+
+# several 64-key tiles, tails, GQA 1/2/4/8, D 64/128/80 (Dp % 32 == 16)/63 (odd: a half pair),
+# Sq < Sk and Sq > Sk (fully masked causal rows), and B * Hkv >= 8 with 10 key blocks so the
+# backward's single split runs more than one 8-block chunk.
+BF16DOT_SHAPES = [
+    (1, 300, 300, 4, 1, 64),
+    (2, 200, 260, 4, 2, 128),
+    (1, 300, 200, 4, 2, 64),
+    (1, 257, 257, 2, 2, 80),
+    (1, 130, 150, 8, 1, 63),
+    (1, 600, 600, 8, 8, 64),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", BF16DOT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_bf16_dot_forward_backward(causal, shape):
+    _skip_without_bf16_dot()
+    test_flash_attn_forward_backward("cpu", torch.bfloat16, causal, shape)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens", [([300, 1, 130, 0, 77], None), ([100, 3, 64], [600, 40, 64]), ([250, 9], [120, 4])],
+                         ids=lambda x: str(x))
+def test_cpu_bf16_dot_varlen(causal, lens):
+    _skip_without_bf16_dot()
+    test_varlen_forward_backward("cpu", torch.bfloat16, causal, lens)
+
+
+@pytest.mark.parametrize("cache_len", [200, 1000])
+def test_cpu_bf16_dot_kvcache_decode(cache_len):
+    _skip_without_bf16_dot()
+    test_kvcache_decode("cpu", torch.bfloat16, cache_len, 3)
+
+
+def test_cpu_bf16_dot_fully_masked_rows():
+    """Causal, Sq = 300 > Sk = 200: queries 0..99 see no key -> out 0, lse -inf, dq 0, all finite."""
+    _skip_without_bf16_dot()
+    q, k, v = _inputs((1, 300, 200, 4, 2, 64), torch.bfloat16, "cpu")
+    out, lse = lo.flash_attn(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :100] == 0) and torch.all(lse[:, :, :100] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 100:]).all() and torch.isfinite(out).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), make(out.shape, torch.bfloat16, "cpu", seed=5))
+    assert torch.all(dq[:, :100] == 0) and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_bitwise_independent_of_thread_count(dtype, causal):
+    """Forward and backward on CPU give the same bits with 1 and 2 threads (the work items and
+    the backward's key splits depend on the shapes only). bf16 takes the AVX512-BF16 path where
+    the CPU has it, the fp32 tile path otherwise; both must hold."""
+    q, k, v = _inputs((2, 333, 333, 8, 2, 64), dtype, "cpu")
+    dout = make((2, 333, 8, 64), dtype, "cpu", seed=4)
+
+    def run():
+        out, lse = lo.flash_attn(q, k, v, causal=causal, return_lse=True)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, nm in zip(one, two, ("out", "lse", "dq", "dk", "dv")):
+        assert torch.equal(a, b), f"{nm} differs between 1 and 2 threads"
+
+
 @settings(max_examples=20, deadline=None)
 @given(b=st.integers(1, 2), sq=st.integers(1, 140), sk=st.integers(1, 140), g=st.sampled_from([1, 2, 4]),
        hkv=st.integers(1, 2), d=st.sampled_from([8, 40, 64, 96, 128]), causal=st.booleans(),

@@ -148,14 +148,14 @@ FA_INLINE void copy_row(uint16_t* dst, const uint16_t* src, int64_t D, int64_t D
 
 // dst[Dp][2] <- (r0[c], r1[c]) interleaved (zeros past D; a nullptr row is zeros)
 FA_INLINE void interleave_rows(uint16_t* dst, const uint16_t* r0, const uint16_t* r1, int64_t D, int64_t Dp) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
-                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  // out[2t] = r0[t] (index t of the first operand), out[2t + 1] = r1[t] (index 32 + t)
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                       5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   for (int64_t c = 0; c < Dp; c += 16) {
-    const __mmask16 mk = mask16(c, D);
-    const __m256i lo = r0 ? _mm256_maskz_loadu_epi16(mk, r0 + c) : _mm256_setzero_si256();
-    const __m256i hi = r1 ? _mm256_maskz_loadu_epi16(mk, r1 + c) : _mm256_setzero_si256();
-    const __m512i v = _mm512_inserti64x4(_mm512_zextsi256_si512(lo), hi, 1);
-    _mm512_storeu_si512(dst + 2 * c, _mm512_permutexvar_epi16(idx, v));
+    const __mmask32 mk = mask16(c, D);  // the low 16 lanes only
+    const __m512i lo = r0 ? _mm512_maskz_loadu_epi16(mk, r0 + c) : _mm512_setzero_si512();
+    const __m512i hi = r1 ? _mm512_maskz_loadu_epi16(mk, r1 + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + 2 * c, _mm512_permutex2var_epi16(lo, idx, hi));
   }
 }
 
