@@ -93,6 +93,42 @@ def test_flash_attn(benchmark, device, provider, case, causal, mode):
             dtype=dtype, device=device, flops=flops, rounds=5 if device == "cpu" else None)
 
 
+# CPU bf16 (the AVX512-BF16 path where the CPU has it, see llmcore.build_info()["flash_attn_cpu_bf16"])
+# against SDPA's CPU flash backend only, S = 1024, to keep the run short.
+CPU_BF16_CASES = [(2, 1024, 8, 64), (2, 1024, 4, 128)] if DEV == "cpu" else []
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", CPU_BF16_CASES, ids=lambda c: "B{}_S{}_H{}_D{}".format(*c))
+@pytest.mark.parametrize("provider", ["llmcore", "sdpa-flash"])
+def test_flash_attn_cpu_bf16(benchmark, device, provider, case, causal, mode):
+    if device != "cpu" or provider not in PROVIDERS:
+        pytest.skip("CPU bf16 cases")
+    B, S, H, D = case
+    fn = PROVIDERS[provider]
+    q, k, v = (torch.randn(B, S, H, D, dtype=torch.bfloat16, requires_grad=mode != "fwd") for _ in range(3))
+    dout = torch.randn(B, S, H, D, dtype=torch.bfloat16)
+    fl = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(q, k, v, causal)
+        flops = fl
+    elif mode == "bwd":
+        out = fn(q, k, v, causal)
+
+        def run():
+            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        flops = 2.5 * fl
+    else:
+        def run():
+            torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
+        flops = 3.5 * fl
+    measure(benchmark, run, op="flash_attn", provider=provider, mode=mode, shape=(B, S, H, D, "c" if causal else "f"),
+            dtype=torch.bfloat16, device=device, flops=flops, rounds=5)
+
+
 DECODE = [(1, 4096, 32, 8, 128), (1, 16384, 32, 8, 128), (8, 4096, 16, 4, 128)] if DEV == "cuda" else \
     [(1, 4096, 8, 2, 64), (4, 2048, 8, 2, 128)]
 
