@@ -45,6 +45,10 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(LLMCORE_NO_MULTIVERSION)
 #define LLMCORE_FA_BF16DOT 1
 #include <immintrin.h>
+// GCC 12's AVX-512 headers pass _mm512_undefined_*() (a self-initialized `__m512 __Y = __Y;`) as the
+// unused pass-through operand of max / extract / insert builtins, which -Wall reports as maybe
+// uninitialized once inlined; the value is never read.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace llmcore {
@@ -204,6 +208,27 @@ FA_INLINE void cvt_row(uint16_t* dst, const float* src, int N) {
   }
 }
 
+// lanes 16 x + t with 16 x + t >= lim -> -inf
+FA_INLINE __m512 mask_tail(__m512 v, int x, int64_t lim) {
+  const int64_t rem = lim - 16 * x;
+  const __mmask16 keep = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
+  return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), v);
+}
+// horizontal max / sum
+FA_INLINE float hmax(__m512 v) {
+  const __m256 a = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_max_ss(b, _mm_movehdup_ps(b)));
+}
+FA_INLINE float hsum(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+FA_INLINE __m512 exp2_ps(__m512 x) { return (__m512)exp2v((v16f)x); }
+
 LLMCORE_INLINE const uint16_t* bits(const void* p) { return static_cast<const uint16_t*>(p); }
 
 // ---- forward ----
@@ -222,7 +247,7 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
   float* mrow = O + BQ * Dp;
   float* lrow = mrow + BQ;
   const float ninf = -std::numeric_limits<float>::infinity();
-  const v16f qmul = vbcast(static_cast<float>(p.scale) * static_cast<float>(kLog2e));
+  const __m512 qmul = _mm512_set1_ps(static_cast<float>(p.scale) * static_cast<float>(kLog2e));
   const uint16_t* tiles = bits(p.kv_tiles);
   bf16_t* out = static_cast<bf16_t*>(p.out);
   float* lse = static_cast<float*>(p.lse);
@@ -254,27 +279,37 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
       }
       dp_gemm(m, BK, D2, Qb, Dp / 2, 1, KtB, 2 * BK, S, BK, false);
       const bool diag = p.causal && j0 + BK - 1 > i0 + off;
-      for (int i = 0; i < m; ++i) {
-        float* si = S + i * BK;
+      for (int i = 0; i < m; ++i) {  // one pass per row: scale, mask, max, exp2, sum, round to bf16
+        const float* si = S + i * BK;
+        const int64_t lim = std::max<int64_t>(0, diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n);
+        __m512 sv[BK / 16];
 #pragma GCC unroll 4
-        for (int x = 0; x < BK / 16; ++x) vstore(si + 16 * x, vload(si + 16 * x) * qmul);
-        const int64_t lim = diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n;  // visible: jj < lim
-        for (int jj = static_cast<int>(std::max<int64_t>(lim, 0)); jj < BK; ++jj) si[jj] = ninf;
-        const float mx = max_row(si);
+        for (int x = 0; x < BK / 16; ++x) sv[x] = mask_tail(_mm512_mul_ps(_mm512_loadu_ps(si + 16 * x), qmul), x, lim);
+        const float mx = hmax(_mm512_max_ps(_mm512_max_ps(sv[0], sv[1]), _mm512_max_ps(sv[2], sv[3])));
         const float mnew = std::max(mrow[i], mx);
+        uint16_t* pb = Pb + i * BK;
         if (mnew == ninf) {  // nothing visible yet in this row: P = 0
-          std::fill(si, si + BK, 0.f);
-        } else {
-          const float alpha = mrow[i] == ninf ? 0.f : std::exp2(mrow[i] - mnew);
-          const float rs = exp2_row(si, mnew);
-          lrow[i] = lrow[i] * alpha + rs;
-          mrow[i] = mnew;
-          if (alpha != 1.f) {
-            float* oi = O + i * Dp;
-            for (int64_t c = 0; c < Dp; ++c) oi[c] *= alpha;
-          }
+          _mm512_storeu_si512(pb, _mm512_setzero_si512());
+          _mm512_storeu_si512(pb + 32, _mm512_setzero_si512());
+          continue;
         }
-        cvt_row(Pb + i * BK, si, BK);
+        const __m512 mv = _mm512_set1_ps(mnew);
+        __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int x = 0; x < BK / 16; ++x) {
+          sv[x] = exp2_ps(_mm512_sub_ps(sv[x], mv));
+          sum = _mm512_add_ps(sum, sv[x]);
+        }
+        _mm512_storeu_si512(pb, (__m512i)_mm512_cvtne2ps_pbh(sv[1], sv[0]));
+        _mm512_storeu_si512(pb + 32, (__m512i)_mm512_cvtne2ps_pbh(sv[3], sv[2]));
+        const float alpha = mrow[i] == ninf ? 0.f : std::exp2(mrow[i] - mnew);
+        lrow[i] = lrow[i] * alpha + hsum(sum);
+        mrow[i] = mnew;
+        if (alpha != 1.f) {
+          float* oi = O + i * Dp;
+          const __m512 av = _mm512_set1_ps(alpha);
+          for (int64_t c = 0; c < Dp; c += 16) _mm512_storeu_ps(oi + c, _mm512_mul_ps(_mm512_loadu_ps(oi + c), av));
+        }
       }
       dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, Pb, BK / 2, 1, VB, 2 * Dp, O, Dp, true);
     }
@@ -332,7 +367,8 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   float* delta = lse2 + BQ;
   const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
   const float c2 = static_cast<float>(p.scale) * static_cast<float>(kLog2e), scale = static_cast<float>(p.scale);
-  const v16f c2v = vbcast(c2), scalev = vbcast(scale);
+  const __m512 c2v = _mm512_set1_ps(c2);
+  const v16f scalev = vbcast(scale);
   const bf16_t* out = static_cast<const bf16_t*>(p.out);
   const bf16_t* dout = static_cast<const bf16_t*>(p.dout);
   const float* lse = static_cast<const float*>(p.lse);
@@ -396,14 +432,14 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
             float* dV = dK + BK * Dp;
             dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);  // S = Q K^T
             const bool diag = p.causal && j0 + BK - 1 > i0 + off;
-            for (int i = 0; i < m; ++i) {
+            for (int i = 0; i < m; ++i) {  // P = exp2(S * scale log2 e - lse log2 e), masked
               float* pi = P + i * BK;
-              const v16f l2 = vbcast(lse2[i]);
+              const __m512 l2 = _mm512_set1_ps(lse2[i]);
+              const int64_t lim = std::max<int64_t>(0, diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n);
 #pragma GCC unroll 4
-              for (int x = 0; x < BK / 16; ++x) vstore(pi + 16 * x, vload(pi + 16 * x) * c2v - l2);
-              const int64_t lim = diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n;
-              for (int jj = static_cast<int>(std::max<int64_t>(lim, 0)); jj < BK; ++jj) pi[jj] = ninf;
-              exp2_row(pi, 0.f);
+              for (int x = 0; x < BK / 16; ++x)
+                _mm512_storeu_ps(pi + 16 * x, exp2_ps(mask_tail(
+                                                  _mm512_fmsub_ps(_mm512_loadu_ps(pi + 16 * x), c2v, l2), x, lim)));
             }
             vnni_f32(Pv, P, BK, m, BK);
             dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
