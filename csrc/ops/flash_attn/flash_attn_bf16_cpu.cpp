@@ -185,27 +185,9 @@ FA_INLINE void pack_cols(uint16_t* dst, const uint16_t* src, int64_t row_stride,
   }
 }
 
-// fp32 rows [0, m) of src[.][ld] (N columns, N a multiple of 16) -> vnni dst[(m+1)/2][N][2] bf16
-FA_INLINE void vnni_f32(uint16_t* dst, const float* src, int64_t ld, int m, int N) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
-                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int r = 0; r < m; r += 2) {
-    const float* r0 = src + r * ld;
-    const float* r1 = r + 1 < m ? src + (r + 1) * ld : nullptr;
-    for (int c = 0; c < N; c += 16) {
-      const __m512 hi = r1 ? _mm512_loadu_ps(r1 + c) : _mm512_setzero_ps();
-      const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, _mm512_loadu_ps(r0 + c));  // lanes 0-15 r0, 16-31 r1
-      _mm512_storeu_si512(dst + r * N + 2 * c, _mm512_permutexvar_epi16(idx, v));
-    }
-  }
-}
-
-// fp32 row of N (a multiple of 32) -> bf16
-FA_INLINE void cvt_row(uint16_t* dst, const float* src, int N) {
-  for (int c = 0; c < N; c += 32) {
-    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + c + 16), _mm512_loadu_ps(src + c));
-    _mm512_storeu_si512(dst + c, (__m512i)v);
-  }
+// 16 bf16 (lanes past the mask read as 0) -> fp32
+FA_INLINE __m512 widen16(const uint16_t* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
 
 // lanes 16 x + t with 16 x + t >= lim -> -inf
@@ -227,7 +209,23 @@ FA_INLINE float hsum(__m512 v) {
   b = _mm_add_ps(b, _mm_movehl_ps(b, b));
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
-FA_INLINE __m512 exp2_ps(__m512 x) { return (__m512)exp2v((v16f)x); }
+// 2^x as exp2v (flash_attn_cpu_tile.h: same degree-7 polynomial on f in [-0.5, 0.5]) with the
+// AVX-512 range reduction: k = round(x) (vrndscaleps), 2^f * 2^k by vscalefps, which underflows to 0
+// by itself; x is clamped below at -150 first so -inf gives 0 (not NaN); NaN stays NaN.
+FA_INLINE __m512 exp2_ps(__m512 x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.f), x);  // NaN in x passes through (2nd operand)
+  const __m512 k = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, k);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
 
 LLMCORE_INLINE const uint16_t* bits(const void* p) { return static_cast<const uint16_t*>(p); }
 
@@ -368,9 +366,8 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
   const float c2 = static_cast<float>(p.scale) * static_cast<float>(kLog2e), scale = static_cast<float>(p.scale);
   const __m512 c2v = _mm512_set1_ps(c2);
-  const v16f scalev = vbcast(scale);
-  const bf16_t* out = static_cast<const bf16_t*>(p.out);
-  const bf16_t* dout = static_cast<const bf16_t*>(p.dout);
+  const __m512 scalev = _mm512_set1_ps(scale);
+  const __m512i pair_idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const float* lse = static_cast<const float*>(p.lse);
   bf16_t* dk = static_cast<bf16_t*>(p.dk);
   bf16_t* dv = static_cast<bf16_t*>(p.dv);
@@ -414,11 +411,12 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
           pack_vnni(Qv, qp, p.q_row_stride, m, mp, D, Dp);
           pack_vnni(dOv, dop, Hq * D, m, mp, D, Dp);
           for (int i = 0; i < m; ++i) {
-            const bf16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
-            const bf16_t* doi = dout + ((s.row0 + i0 + i) * Hq + h) * D;
-            float acc = 0;
-            for (int64_t c = 0; c < D; ++c) acc += widen(oi[c]) * widen(doi[c]);
-            delta[i] = acc;
+            const uint16_t* oi = bits(p.out) + ((s.row0 + i0 + i) * Hq + h) * D;
+            const uint16_t* doi = dop + i * Hq * D;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < D; c += 16)
+              acc = _mm512_fmadd_ps(widen16(oi + c, mask16(c, D)), widen16(doi + c, mask16(c, D)), acc);
+            delta[i] = hsum(acc);
             const float l = lse[lse_index(p, b, s, h, i0 + i)];
             lse2[i] = l == ninf ? pinf : l * static_cast<float>(kLog2e);
           }
@@ -432,28 +430,60 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
             float* dV = dK + BK * Dp;
             dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);  // S = Q K^T
             const bool diag = p.causal && j0 + BK - 1 > i0 + off;
-            for (int i = 0; i < m; ++i) {  // P = exp2(S * scale log2 e - lse log2 e), masked
-              float* pi = P + i * BK;
-              const __m512 l2 = _mm512_set1_ps(lse2[i]);
-              const int64_t lim = std::max<int64_t>(0, diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n);
+            // P = exp2(S * scale log2 e - lse log2 e), masked; fp32 rows for dS and vnni bf16 pairs
+            for (int i = 0; i < m; i += 2) {
+              __m512 pr[2][BK / 16];
+#pragma GCC unroll 2
+              for (int t = 0; t < 2; ++t) {
+                const int r = i + t;
+                if (r >= m) {
+#pragma GCC unroll 4
+                  for (int x = 0; x < BK / 16; ++x) pr[t][x] = _mm512_setzero_ps();
+                  continue;
+                }
+                float* pi = P + r * BK;
+                const __m512 l2 = _mm512_set1_ps(lse2[r]);
+                const int64_t lim = std::max<int64_t>(0, diag ? std::min<int64_t>(n, i0 + r + off - j0 + 1) : n);
+#pragma GCC unroll 4
+                for (int x = 0; x < BK / 16; ++x) {
+                  pr[t][x] = exp2_ps(mask_tail(_mm512_fmsub_ps(_mm512_loadu_ps(pi + 16 * x), c2v, l2), x, lim));
+                  _mm512_storeu_ps(pi + 16 * x, pr[t][x]);
+                }
+              }
 #pragma GCC unroll 4
               for (int x = 0; x < BK / 16; ++x)
-                _mm512_storeu_ps(pi + 16 * x, exp2_ps(mask_tail(
-                                                  _mm512_fmsub_ps(_mm512_loadu_ps(pi + 16 * x), c2v, l2), x, lim)));
+                _mm512_storeu_si512(Pv + i * BK + 32 * x,
+                                    _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(pr[1][x], pr[0][x])));
             }
-            vnni_f32(Pv, P, BK, m, BK);
             dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
             dp_gemm(m, BK, D2, dOb, Dp / 2, 1, Vt, 2 * BK, dS, BK, false);                  // dP = dO V^T
-            for (int i = 0; i < m; ++i) {
-              float* di = dS + i * BK;
-              const float* pi = P + i * BK;
-              const v16f dl = vbcast(delta[i]);
+            // dS = scale * P * (dP - delta) in fp32 -> bf16 row-major (for dQ) and vnni pairs (for dK)
+            for (int i = 0; i < m; i += 2) {
+              __m512 d[2][BK / 16];
+#pragma GCC unroll 2
+              for (int t = 0; t < 2; ++t) {
+                const int r = i + t;
+                if (r >= m) {
+#pragma GCC unroll 4
+                  for (int x = 0; x < BK / 16; ++x) d[t][x] = _mm512_setzero_ps();
+                  continue;
+                }
+                const float* pi = P + r * BK;
+                const float* di = dS + r * BK;
+                const __m512 dl = _mm512_set1_ps(delta[r]);
+#pragma GCC unroll 4
+                for (int x = 0; x < BK / 16; ++x)
+                  d[t][x] = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(pi + 16 * x),
+                                                       _mm512_sub_ps(_mm512_loadu_ps(di + 16 * x), dl)), scalev);
+#pragma GCC unroll 2
+                for (int x = 0; x < BK / 16; x += 2)
+                  _mm512_storeu_si512(dSb + r * BK + 16 * x, (__m512i)_mm512_cvtne2ps_pbh(d[t][x + 1], d[t][x]));
+              }
 #pragma GCC unroll 4
               for (int x = 0; x < BK / 16; ++x)
-                vstore(di + 16 * x, vload(pi + 16 * x) * (vload(di + 16 * x) - dl) * scalev);
-              cvt_row(dSb + i * BK, di, BK);
+                _mm512_storeu_si512(dSv + i * BK + 32 * x,
+                                    _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(d[1][x], d[0][x])));
             }
-            vnni_f32(dSv, dS, BK, m, BK);
             dp_gemm(BK, static_cast<int>(Dp), mp / 2, dSv, 1, BK, Qv, 2 * Dp, dK, Dp, true);  // dK += dS^T Q
             dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, dSb, BK / 2, 1, Kv, 2 * Dp,          // dQ += dS K
                     dqa + ((s.row0 + i0) * Hq + h) * Dp, Hq * Dp, true);
