@@ -300,7 +300,10 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
         }
         _mm512_storeu_si512(pb, (__m512i)_mm512_cvtne2ps_pbh(sv[1], sv[0]));
         _mm512_storeu_si512(pb + 32, (__m512i)_mm512_cvtne2ps_pbh(sv[3], sv[2]));
-        const float alpha = mrow[i] == ninf ? 0.f : std::exp2(mrow[i] - mnew);
+        // exp2 of the max's change, in a vector register (a libm call would spill the zmm state)
+        const float alpha = mrow[i] == ninf ? 0.f
+                            : mrow[i] == mnew ? 1.f
+                                              : _mm512_cvtss_f32(exp2_ps(_mm512_set1_ps(mrow[i] - mnew)));
         lrow[i] = lrow[i] * alpha + hsum(sum);
         mrow[i] = mnew;
         if (alpha != 1.f) {
