@@ -392,6 +392,8 @@ BF16DOT_SHAPES = [
     (1, 257, 257, 2, 2, 80),
     (1, 130, 150, 8, 1, 63),
     (1, 600, 600, 8, 8, 64),
+    (1, 150, 150, 2, 1, 256),
+    (1, 150, 150, 2, 2, 8),
 ]
 
 
@@ -400,6 +402,35 @@ BF16DOT_SHAPES = [
 def test_cpu_bf16_dot_forward_backward(causal, shape):
     _skip_without_bf16_dot()
     test_flash_attn_forward_backward("cpu", torch.bfloat16, causal, shape)
+
+
+def test_cpu_bf16_dot_strided():
+    """Multi-tile bf16 on the AVX512-BF16 path with q/k/v as head slices of a fused qkv tensor
+    (row stride (Hq + 2 Hkv) * D) and as (B, H, S, D) tensors transposed to (B, S, H, D)."""
+    _skip_without_bf16_dot()
+    B, S, Hq, Hkv, D = 2, 200, 4, 2, 64
+    qkv = make((B, S, (Hq + 2 * Hkv) * D), torch.bfloat16, "cpu", requires_grad=True)
+    views = [lambda: tuple(t for t in (qkv.view(B, S, -1, D)[:, :, :Hq], qkv.view(B, S, -1, D)[:, :, Hq:Hq + Hkv],
+                                       qkv.view(B, S, -1, D)[:, :, Hq + Hkv:]))]
+    bhsd = [make((B, h, S, D), torch.bfloat16, "cpu", seed=i, requires_grad=True) for i, h in enumerate((Hq, Hkv, Hkv))]
+    views.append(lambda: tuple(t.transpose(1, 2) for t in bhsd))
+    dout = make((B, S, Hq, D), torch.bfloat16, "cpu", seed=9)
+    for causal in (True, False):
+        for view in views:
+            q, k, v = view()
+            assert q.stride(1) != Hq * D or q.stride(2) != D
+            out = lo.flash_attn(q, k, v, causal=causal)
+            leaves = (qkv,) if view is views[0] else tuple(bhsd)
+            grads = torch.autograd.grad(out, leaves, dout)
+            qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+            out_c = lo.flash_attn(qc, kc, vc, causal=causal)
+            assert torch.equal(out, out_c), "strided and contiguous inputs give different bits"
+            gc = torch.autograd.grad(out_c, (qc, kc, vc), dout)
+            if view is views[0]:
+                assert torch.equal(grads[0].view(B, S, -1, D), torch.cat(gc, dim=2))
+            else:
+                for g, c in zip(grads, gc):
+                    assert torch.equal(g, c.transpose(1, 2))
 
 
 @pytest.mark.parametrize("causal", [True, False])
