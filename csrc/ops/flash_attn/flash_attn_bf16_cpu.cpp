@@ -190,6 +190,23 @@ FA_INLINE __m512 widen16(const uint16_t* p, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
 
+// fp32 -> bf16 for 16 lanes, exactly narrow<bf16_t> (cpu_utils.h: round to nearest even, NaN stays
+// a quiet NaN, denormals kept), so the outputs round as on the fp32 tile path
+FA_INLINE __m256i narrow16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+// dst[0..D) <- bf16(src[c] * mul)
+FA_INLINE void store_row(uint16_t* dst, const float* src, float mul, int64_t D) {
+  const __m512 mv = _mm512_set1_ps(mul);
+  for (int64_t c = 0; c < D; c += 16)
+    _mm256_mask_storeu_epi16(dst + c, mask16(c, D), narrow16(_mm512_mul_ps(_mm512_loadu_ps(src + c), mv)));
+}
+
 // lanes 16 x + t with 16 x + t >= lim -> -inf
 FA_INLINE __m512 mask_tail(__m512 v, int x, int64_t lim) {
   const int64_t rem = lim - 16 * x;
@@ -247,7 +264,7 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m512 qmul = _mm512_set1_ps(static_cast<float>(p.scale) * static_cast<float>(kLog2e));
   const uint16_t* tiles = bits(p.kv_tiles);
-  bf16_t* out = static_cast<bf16_t*>(p.out);
+  uint16_t* out = static_cast<uint16_t*>(p.out);
   float* lse = static_cast<float*>(p.lse);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % nqb, h = (item / nqb) % Hq, b = item / nqb / Hq;
@@ -315,15 +332,13 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
       dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, Pb, BK / 2, 1, VB, 2 * Dp, O, Dp, true);
     }
     for (int i = 0; i < m; ++i) {
-      bf16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
-      const float* src = O + i * Dp;
+      uint16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
       const int64_t li = lse_index(p, b, s, h, i0 + i);
-      if (lrow[i] == 0.f) {
-        for (int64_t c = 0; c < D; ++c) oi[c] = narrow<bf16_t>(0.f);
+      if (lrow[i] == 0.f) {  // no visible key: out = 0 (bf16 +0 is all zero bits)
+        std::memset(oi, 0, D * sizeof(uint16_t));
         lse[li] = ninf;
       } else {
-        const float inv = 1.f / lrow[i];
-        for (int64_t c = 0; c < D; ++c) oi[c] = narrow<bf16_t>(src[c] * inv);
+        store_row(oi, O + i * Dp, 1.f / lrow[i], D);
         lse[li] = (mrow[i] + std::log2(lrow[i])) * static_cast<float>(kLn2);
       }
     }
@@ -372,8 +387,8 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   const __m512 scalev = _mm512_set1_ps(scale);
   const __m512i pair_idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const float* lse = static_cast<const float*>(p.lse);
-  bf16_t* dk = static_cast<bf16_t*>(p.dk);
-  bf16_t* dv = static_cast<bf16_t*>(p.dv);
+  uint16_t* dk = static_cast<uint16_t*>(p.dk);
+  uint16_t* dv = static_cast<uint16_t*>(p.dv);
   float* dq_accum = static_cast<float*>(p.dq_accum);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t split = item % ns, hk = (item / ns) % Hkv, b = item / ns / Hkv;
@@ -499,12 +514,8 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
         const float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
         const float* dV = dK + BK * Dp;
         for (int jj = 0; jj < n; ++jj) {
-          bf16_t* dkr = dk + ((s.k_row0 + j0 + jj) * Hkv + hk) * D;
-          bf16_t* dvr = dv + ((s.k_row0 + j0 + jj) * Hkv + hk) * D;
-          for (int64_t c = 0; c < D; ++c) {
-            dkr[c] = narrow<bf16_t>(dK[jj * Dp + c]);
-            dvr[c] = narrow<bf16_t>(dV[jj * Dp + c]);
-          }
+          store_row(dk + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, dK + jj * Dp, 1.f, D);
+          store_row(dv + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, dV + jj * Dp, 1.f, D);
         }
       }
     }
