@@ -458,6 +458,26 @@ def test_cpu_bf16_dot_fully_masked_rows():
     assert torch.all(dq[:, :100] == 0) and all(torch.isfinite(g).all() for g in (dq, dk, dv))
 
 
+def test_cpu_bf16_fp32_tile_fallback():
+    """bf16 on CPUs without AVX512-BF16 runs the fp32 tile path; LLMCORE_FLASH_CPU_BF16DOT=0 forces
+    it (read once per process, hence the subprocess), so that path stays tested on any machine."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch, llmcore, tests.ops.test_flash_attn as t\n"
+        "assert llmcore.build_info()['flash_attn_cpu_bf16'] == 'fp32 tiles', llmcore.build_info()\n"
+        "for causal in (True, False):\n"
+        "    t.test_flash_attn_forward_backward('cpu', torch.bfloat16, causal, (1, 300, 200, 4, 2, 64))\n"
+        "    t.test_varlen_forward_backward('cpu', torch.bfloat16, causal, ([130, 1, 70], None))\n"
+        "t.test_kvcache_decode('cpu', torch.bfloat16, 1000, 3)\n")
+    env = dict(os.environ, LLMCORE_FLASH_CPU_BF16DOT="0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cpu_bitwise_independent_of_thread_count(dtype, causal):
