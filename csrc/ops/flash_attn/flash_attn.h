@@ -82,6 +82,7 @@ int64_t flash_attn_fwd_cpu_num_items(const FlashAttnParams& p);
 // of every (b, kv head) converted once to an accumulation-type K^T tile [Dp][64] and V tile
 // [64][Dp] (Dp = D rounded up to 16), tile t = (b * Hkv + kv head) * ceil(seqlen_k / 64) + block,
 // stored as pairs in p.kv_tiles (flash_attn_cpu_kv_tiles_elems elements); items = tiles.
+// (On the AVX512-BF16 path below the same buffer holds bf16 packed K / V tiles, half the bytes.)
 int64_t flash_attn_cpu_num_kv_tiles(const FlashAttnParams& p);
 int64_t flash_attn_cpu_kv_tiles_elems(const FlashAttnParams& p);
 void flash_attn_pack_kv_cpu(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end);

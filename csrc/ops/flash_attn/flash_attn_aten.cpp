@@ -102,7 +102,8 @@ void run_fwd(const FlashAttnParams& p_in, const at::Tensor& q) {
   if (q.is_cpu()) {
     FlashAttnParams p = p_in;
     const int64_t items = flash_attn_fwd_cpu_num_items(p);
-    // Convert K / V to fp32 tiles once when more than one query block reads each kv head.
+    // Convert K / V to tiles once when more than one query block reads each kv head (fp32 tiles, or
+    // bf16 packed tiles in the first half of the buffer on the AVX512-BF16 path: flash_attn.h).
     at::Tensor tiles;
     if (items >= 2 * p.batch * p.heads_kv) {
       tiles = at::empty({flash_attn_cpu_kv_tiles_elems(p)}, q.options().dtype(acc_dtype(q)));
