@@ -93,7 +93,7 @@ def test_flash_attn(benchmark, device, provider, case, causal, mode):
             dtype=dtype, device=device, flops=flops, rounds=5 if device == "cpu" else None)
 
 
-# CPU bf16 (the AVX512-BF16 path where the CPU has it, see llmcore.build_info()["flash_attn_cpu_bf16"])
+# CPU bf16 (the AVX512-BF16 path where the CPU has it, see llmcore.build_info()["cpu_avx512bf16_path"])
 # against SDPA's CPU flash backend only, S = 1024, to keep the run short.
 CPU_BF16_CASES = [(2, 1024, 8, 64), (2, 1024, 4, 128)] if DEV == "cpu" else []
 

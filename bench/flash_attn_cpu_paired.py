@@ -4,7 +4,7 @@ On a shared machine separate pytest-benchmark runs drift apart; here each mode a
 providers call by call in one process and reports medians, so both see the same load.
 
     PYTHONPATH=$PWD python bench/flash_attn_cpu_paired.py [rounds] [--dtype float32]
-    LLMCORE_FLASH_CPU_BF16DOT=0 ...   # the fp32 tile path instead of the AVX512-BF16 one
+    LLMCORE_CPU_BF16_PATH=0 ...   # the fp32 tile path instead of the AVX512-BF16 one
 """
 import argparse
 import time
@@ -35,7 +35,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    print(f"{args.dtype}, {args.threads} threads, path: {llmcore.build_info().get('flash_attn_cpu_bf16')}, "
+    print(f"{args.dtype}, {args.threads} threads, avx512bf16 path: {llmcore.build_info().get('cpu_avx512bf16_path')}, "
           f"medians of {args.rounds}, ms")
     for B, S, H, D in [(2, 1024, 8, 64), (2, 1024, 4, 128)]:
         for causal in (True, False):

@@ -4,7 +4,6 @@
 
 #include "common/cpu_avx512bf16.h"
 #include "common/cpu_utils.h"
-#include "flash_attn/flash_attn.h"
 
 #ifndef LLMCORE_VERSION
 #define LLMCORE_VERSION "0.0.0"
@@ -41,8 +40,6 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_bindings"] = false;
 #endif
     d["cuda_archs"] = LLMCORE_CUDA_ARCHS;
-    // which CPU flash attention path bf16 inputs take (flash_attn_bf16_cpu.cpp)
-    d["flash_attn_cpu_bf16"] = llmcore::flash_attn_cpu_bf16_dot() ? "avx512bf16 (vdpbf16ps tile GEMMs)" : "fp32 tiles";
     return d;
   });
 }

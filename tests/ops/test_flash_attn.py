@@ -376,10 +376,9 @@ def test_backward_deterministic(device):
 # ---- CPU bf16 inputs on AVX512-BF16 CPUs: vdpbf16ps tile GEMMs (flash_attn_bf16_cpu.cpp) ----
 def _skip_without_bf16_dot():
     import llmcore
-    path = llmcore.build_info().get("flash_attn_cpu_bf16", "")
-    if not path.startswith("avx512bf16"):
-        pytest.skip(f"CPU bf16 flash attention runs the fp32 tile path here ({path or 'unknown'}): "
-                    "no avx512_bf16 on this CPU, or LLMCORE_FLASH_CPU_BF16DOT=0")
+    if not llmcore.build_info()["cpu_avx512bf16_path"]:
+        pytest.skip("CPU bf16 flash attention runs the fp32 tile path here: no avx512_bf16 on this CPU, "
+                    "or LLMCORE_CPU_BF16_PATH=0")
 
 
 # several 64-key tiles, tails, GQA 1/2/4/8, D 64/128/80 (Dp % 32 == 16)/63 (odd: a half pair),
@@ -459,19 +458,19 @@ def test_cpu_bf16_dot_fully_masked_rows():
 
 
 def test_cpu_bf16_fp32_tile_fallback():
-    """bf16 on CPUs without AVX512-BF16 runs the fp32 tile path; LLMCORE_FLASH_CPU_BF16DOT=0 forces
+    """bf16 on CPUs without AVX512-BF16 runs the fp32 tile path; LLMCORE_CPU_BF16_PATH=0 forces
     it (read once per process, hence the subprocess), so that path stays tested on any machine."""
     import os
     import subprocess
     import sys
     code = (
         "import torch, llmcore, tests.ops.test_flash_attn as t\n"
-        "assert llmcore.build_info()['flash_attn_cpu_bf16'] == 'fp32 tiles', llmcore.build_info()\n"
+        "assert llmcore.build_info()['cpu_avx512bf16_path'] is False, llmcore.build_info()\n"
         "for causal in (True, False):\n"
         "    t.test_flash_attn_forward_backward('cpu', torch.bfloat16, causal, (1, 300, 200, 4, 2, 64))\n"
         "    t.test_varlen_forward_backward('cpu', torch.bfloat16, causal, ([130, 1, 70], None))\n"
         "t.test_kvcache_decode('cpu', torch.bfloat16, 1000, 3)\n")
-    env = dict(os.environ, LLMCORE_FLASH_CPU_BF16DOT="0")
+    env = dict(os.environ, LLMCORE_CPU_BF16_PATH="0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)

@@ -96,10 +96,9 @@ void flash_attn_bwd_cpu(const FlashAttnParams& p, int64_t num_splits, int64_t it
 void flash_attn_bwd_cpu_reduce_dq(const FlashAttnParams& p, int64_t num_splits, int64_t row_begin, int64_t row_end);
 void flash_attn_kv_append_cpu(const KvAppendParams& p);
 // bfloat16 inputs on CPUs with AVX512-BF16 (flash_attn_bf16_cpu.cpp): the entry points above
-// route bf16 here when flash_attn_cpu_bf16_dot() (run-time CPU check, once; the environment
-// variable LLMCORE_FLASH_CPU_BF16DOT=0 turns it off) is true. Same items, splits, dq_accum layout
-// and kv_tiles size as above (the tiles then hold bf16 packed K / V, half the bytes).
-bool flash_attn_cpu_bf16_dot();
+// route bf16 here when cpu_has_avx512bf16() (common/cpu_avx512bf16.h: run-time CPU check, once;
+// LLMCORE_CPU_BF16_PATH=0 turns it off) is true. Same items, splits, dq_accum layout and kv_tiles
+// size as above (the tiles then hold bf16 packed K / V, half the bytes).
 void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams& p, int64_t item_begin, int64_t item_end);
 void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end);
 void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin, int64_t item_end);

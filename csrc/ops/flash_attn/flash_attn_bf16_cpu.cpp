@@ -1,8 +1,8 @@
 // flash_attn_bf16_cpu.cpp — CPU flash attention for bfloat16 inputs on CPUs with AVX512-BF16
 // (math and layout in flash_attn.h; the fp32 tile path and the loop structure it mirrors in
 // flash_attn_cpu.cpp). The entry points there call these functions for bf16 inputs when
-// flash_attn_cpu_bf16_dot() says the CPU has avx512bf16 (checked once at run time, see below);
-// every other CPU and dtype keeps the fp32 tile path.
+// cpu_has_avx512bf16() (common/cpu_avx512bf16.h: checked once at run time, LLMCORE_CPU_BF16_PATH=0
+// turns it off) is true; every other CPU and dtype keeps the fp32 tile path.
 //
 // Tile GEMMs with vdpbf16ps (_mm512_dpbf16_ps: per fp32 lane c += a0 * b0 + a1 * b1, bf16 products
 // exact in fp32, fp32 accumulation), 2x the fp32 FMA rate. C[M][N] (+)= A[M][K] B[K][N] with K taken
@@ -34,7 +34,7 @@
 // fp32 path's polynomial), as FlashAttention-2 on GPUs; out / dK / dV rounded once to bf16 exactly as
 // narrow<bf16_t>, dQ by the shared reduce pass. Measured against the fp32 reference: within the
 // tests' bf16 rule (2x PyTorch's own bf16 error); the fp32 tile path stays the slower reference-
-// closer option (LLMCORE_FLASH_CPU_BF16DOT=0).
+// closer option (LLMCORE_CPU_BF16_PATH=0).
 // Per-thread scratch: backward kChunk * 64 * Dp * (3 bf16 + 2 fp32) (~450 KB at D = 64, 1.8 MB at 256).
 #include <algorithm>
 #include <cmath>
@@ -47,9 +47,9 @@
 #include "flash_attn/flash_attn.h"
 #include "flash_attn/flash_attn_cpu_tile.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(LLMCORE_NO_MULTIVERSION)
-#define LLMCORE_FA_BF16DOT 1
-#include <immintrin.h>
+#include "common/cpu_avx512bf16.h"
+
+#ifdef LLMCORE_HAVE_AVX512BF16_PATH
 // GCC 12's AVX-512 headers pass _mm512_undefined_*() (a self-initialized `__m512 __Y = __Y;`) as the
 // unused pass-through operand of max / extract / insert builtins, which -Wall reports as maybe
 // uninitialized once inlined; the value is never read.
@@ -58,25 +58,12 @@
 
 namespace llmcore {
 
-#ifdef LLMCORE_FA_BF16DOT
-
-bool flash_attn_cpu_bf16_dot() {
-  // LLMCORE_FLASH_CPU_BF16DOT=0 forces the fp32 tile path (for comparisons); read once.
-  static const bool ok = [] {
-    const char* env = std::getenv("LLMCORE_FLASH_CPU_BF16DOT");
-    if (env && env[0] == '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16");
-  }();
-  return ok;
-}
+#ifdef LLMCORE_HAVE_AVX512BF16_PATH
 
 namespace {
 
-#define FA_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define FA_INLINE FA_TARGET inline __attribute__((always_inline))
+#define FA_TARGET LLMCORE_AVX512BF16
+#define FA_INLINE LLMCORE_AVX512BF16_INLINE
 
 constexpr int kChunk = 8;  // backward: key blocks whose packed K / V and dK / dV stay resident
 
@@ -541,9 +528,8 @@ FA_TARGET void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams& p, int64_t num_
   bwd_range(p, num_splits, item_begin, item_end);
 }
 
-#else  // not x86-64 GCC/Clang: no AVX512-BF16 path
+#else  // no AVX512-BF16 path in this build (cpu_has_avx512bf16() is false): never called
 
-bool flash_attn_cpu_bf16_dot() { return false; }
 void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams&, int64_t, int64_t) { std::abort(); }
 void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams&, void*, int64_t, int64_t) { std::abort(); }
 void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams&, int64_t, int64_t, int64_t) { std::abort(); }
