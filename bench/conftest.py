@@ -20,6 +20,27 @@ _CEILINGS = {}
 HERE = Path(__file__).resolve().parent
 
 
+def _steady_state_malloc():
+    """Keep freed memory in glibc's heap (no mmap for large blocks, no trim), as a long training
+    process settles into: every provider then reuses warm pages round after round. Without it each
+    large output is a fresh mmap whose 4 KB first-touch faults (host-side ones too on this VM) cost
+    more than most kernels and vary several-fold from run to run. LLMCORE_BENCH_FRESH_MEMORY=1
+    measures the fresh-allocation behaviour instead."""
+    if os.environ.get("LLMCORE_BENCH_FRESH_MEMORY") == "1" or platform.system() != "Linux":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: 1 GiB
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never trim
+    except (OSError, AttributeError):
+        pass
+
+
+_steady_state_malloc()
+
+
 def cuda_ok():
     if not torch.cuda.is_available():
         return False
