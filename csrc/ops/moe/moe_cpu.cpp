@@ -111,20 +111,53 @@ LLMCORE_INLINE void combine_rows(const MoeRowsParams& p, int64_t t0, int64_t t1)
   std::vector<A> acc(H);
   A* a = acc.data();
   const A* wts = static_cast<const A*>(p.weights);
+  // The first two routed rows are read in one pass (two input streams, as torch.compile's fused
+  // gather-sum does), later ones add in one pass each, and the last pass writes the rounded output:
+  // the same additions in the same order as zero-fill + k adds + copy, with k + 2 passes fewer.
+  std::vector<const T*> rows(k);
+  std::vector<A> ws(k);
   for (int64_t t = t0; t < t1; ++t) {
-#pragma omp simd
-    for (int64_t h = 0; h < H; ++h) a[h] = 0;
+    T* dst = static_cast<T*>(p.dst) + t * H;
+    int64_t n = 0;
     for (int64_t s = 0; s < k; ++s) {
       const int64_t r = p.row_map[t * k + s];
       if (r < 0) continue;
-      const T* src = static_cast<const T*>(p.src) + r * p.src_row_stride;
-      const A w = wts ? wts[t * k + s] : A(1);
-#pragma omp simd
-      for (int64_t h = 0; h < H; ++h) a[h] += w * A(widen(src[h]));
+      rows[n] = static_cast<const T*>(p.src) + r * p.src_row_stride;
+      ws[n++] = wts ? wts[t * k + s] : A(1);
     }
-    T* dst = static_cast<T*>(p.dst) + t * H;
+    if (n == 0) {
+      for (int64_t h = 0; h < H; ++h) dst[h] = narrow<T>(A(0));
+      continue;
+    }
+    const T* x0 = rows[0];
+    const A w0 = ws[0];
+    int64_t i = 1;
+    if (n == 1) {
 #pragma omp simd
-    for (int64_t h = 0; h < H; ++h) dst[h] = narrow<T>(a[h]);
+      for (int64_t h = 0; h < H; ++h) dst[h] = narrow<T>(w0 * A(widen(x0[h])));
+      continue;
+    }
+    const T* x1 = rows[1];
+    const A w1 = ws[1];
+    i = 2;
+    if (n == 2) {
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) dst[h] = narrow<T>(w0 * A(widen(x0[h])) + w1 * A(widen(x1[h])));
+      continue;
+    }
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) a[h] = w0 * A(widen(x0[h])) + w1 * A(widen(x1[h]));
+    for (; i < n; ++i) {
+      const T* x = rows[i];
+      const A w = ws[i];
+      if (i + 1 == n) {
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) dst[h] = narrow<T>(a[h] + w * A(widen(x[h])));
+      } else {
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) a[h] += w * A(widen(x[h]));
+      }
+    }
   }
 }
 
