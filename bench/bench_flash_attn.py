@@ -73,6 +73,12 @@ def test_flash_attn(benchmark, device, provider, case, causal, mode):
         fn(q, k, v, causal)
     except RuntimeError as e:  # an SDPA backend that does not take this shape / dtype / device
         pytest.skip(f"{provider}: {str(e).splitlines()[0][:80]}")
+    _measure_mode(benchmark, fn, q, k, v, dout, causal, mode, provider, device, rounds=5 if device == "cpu" else None)
+
+
+def _measure_mode(benchmark, fn, q, k, v, dout, causal, mode, provider, device, rounds):
+    """Times fwd, bwd (from a kept graph) or fwd+bwd of fn on (q, k, v) and records the row."""
+    B, S, H, D = q.shape
     fl = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
     if mode == "fwd":
         def run():
@@ -90,7 +96,7 @@ def test_flash_attn(benchmark, device, provider, case, causal, mode):
             torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
         flops = 3.5 * fl
     measure(benchmark, run, op="flash_attn", provider=provider, mode=mode, shape=(B, S, H, D, "c" if causal else "f"),
-            dtype=dtype, device=device, flops=flops, rounds=5 if device == "cpu" else None)
+            dtype=q.dtype, device=device, flops=flops, rounds=rounds)
 
 
 # CPU bf16 (the AVX512-BF16 path where the CPU has it, see llmcore.build_info()["cpu_avx512bf16_path"])
@@ -109,24 +115,7 @@ def test_flash_attn_cpu_bf16(benchmark, device, provider, case, causal, mode):
     fn = PROVIDERS[provider]
     q, k, v = (torch.randn(B, S, H, D, dtype=torch.bfloat16, requires_grad=mode != "fwd") for _ in range(3))
     dout = torch.randn(B, S, H, D, dtype=torch.bfloat16)
-    fl = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn(q, k, v, causal)
-        flops = fl
-    elif mode == "bwd":
-        out = fn(q, k, v, causal)
-
-        def run():
-            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-        flops = 2.5 * fl
-    else:
-        def run():
-            torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
-        flops = 3.5 * fl
-    measure(benchmark, run, op="flash_attn", provider=provider, mode=mode, shape=(B, S, H, D, "c" if causal else "f"),
-            dtype=torch.bfloat16, device=device, flops=flops, rounds=5)
+    _measure_mode(benchmark, fn, q, k, v, dout, causal, mode, provider, device, rounds=5)
 
 
 DECODE = [(1, 4096, 32, 8, 128), (1, 16384, 32, 8, 128), (8, 4096, 16, 4, 128)] if DEV == "cuda" else \
