@@ -6,8 +6,9 @@
 // rms_norm at 4096 x 4096 run at 13% of the copy rate for every provider). empty_output() asks for
 // transparent huge pages (madvise(MADV_HUGEPAGE) on the 2 MB-aligned interior) before the kernel
 // writes, which cuts that to ~5 ms — the same thing PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every
-// allocation — but only for fresh memory (see advise_huge_pages). It is advice only: memory contents and semantics do not change, the call fails
-// silently where THP is off ("never") and it is a no-op on CUDA tensors and small outputs.
+// allocation — but only for fresh memory (see advise_huge_pages). It is advice only: memory
+// contents and semantics do not change, the call fails silently where THP is off ("never"), and it
+// is a no-op on CUDA tensors and small outputs.
 // LLMCORE_CPU_HUGEPAGES=0 turns it off (A/B measurements).
 #pragma once
 #include <ATen/ATen.h>

@@ -4,9 +4,10 @@
 // Same math and expression order as swiglu_cpu.cpp (swiglu.h), 16 lanes per step, the row tail
 // with masked loads/stores. Strided rows (the halves of a packed [gate | up] row) prefetch the
 // next row as they go: the hardware prefetcher restarts at every row jump, which made the packed
-// layout 1.9x slower than two contiguous tensors at 4096 x 1408 (1.98 -> 1.09 ms, vs 1.02). The loops are bound by vector-op count, not memory: per 16 elements
-// the fwd issues ~25 ops (of which exp ~12, one divide) and the bwd ~35; the generic kernels spend
-// another ~7 per bf16 output on the integer round-to-nearest-even that vcvtneps2bf16 does in one.
+// layout 1.9x slower than two contiguous tensors at 4096 x 1408 (1.98 -> 1.09 ms, vs 1.02).
+// The loops are bound by vector-op count, not memory: per 16 elements the fwd issues ~25 ops (of
+// which exp ~12, one divide) and the bwd ~35; the generic kernels spend another ~7 per bf16 output
+// on the integer round-to-nearest-even that vcvtneps2bf16 does in one.
 #include "common/cpu_avx512bf16.h"
 #include "swiglu/swiglu.h"
 
@@ -111,5 +112,12 @@ void swiglu_bwd_cpu_avx512bf16(const SwigluParams& p, int64_t begin, int64_t end
   }
 }
 
+}  // namespace llmcore
+
+#else  // no AVX512-BF16 path in this build (cpu_has_avx512bf16() is false): never called
+#include <cstdlib>
+namespace llmcore {
+void swiglu_fwd_cpu_avx512bf16(const SwigluParams&, int64_t, int64_t) { std::abort(); }
+void swiglu_bwd_cpu_avx512bf16(const SwigluParams&, int64_t, int64_t) { std::abort(); }
 }  // namespace llmcore
 #endif
