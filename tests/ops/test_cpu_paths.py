@@ -63,8 +63,9 @@ def test_avx512bf16_path_matches_generic_path(tmp_path):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_outputs_threads_and_huge_pages(dtype, threads):
-    """Outputs >= 8 MB take the huge-page allocation (common/alloc.h) and every op splits its work
-    over the OpenMP pool: results must match the references, bitwise equal across thread counts."""
+    """Outputs >= 8 MB go through empty_output (common/alloc.h: huge-page advice when the memory is
+    fresh) and every op splits its work over the OpenMP pool: results must match the references,
+    bitwise equal across thread counts."""
     import llmcore.ops as lo
     from tests.conftest import assert_close
 
