@@ -33,6 +33,26 @@ struct SwigluParams {
   DType dtype = DType::Float32;
 };
 
+// The CPU kernels walk a flat element range [i, end) of the (rows, n) space as row segments:
+// the segment starting at i, as element offsets into each operand, its length, and whether its
+// rows are strided and another row of the range follows (then the kernels prefetch that row: the
+// hardware prefetcher restarts at every row jump of a packed [gate | up] layout).
+struct SwigluSegment {
+  int64_t len, gate, up, out, dgate, dup;
+  bool prefetch_next;
+  int64_t gate_next, up_next;  // offsets of the same columns one row down
+};
+inline SwigluSegment swiglu_segment(const SwigluParams& p, int64_t i, int64_t end) {
+  const int64_t r = i / p.n, c = i - r * p.n;
+  SwigluSegment s;
+  s.len = (p.n - c) < (end - i) ? (p.n - c) : (end - i);
+  s.gate = r * p.gate_rs + c, s.up = r * p.up_rs + c, s.out = r * p.n + c;
+  s.dgate = r * p.dgate_rs + c, s.dup = r * p.dup_rs + c;
+  s.prefetch_next = p.gate_rs != p.n && i + s.len < end;
+  s.gate_next = s.gate + p.gate_rs, s.up_next = s.up + p.up_rs;
+  return s;
+}
+
 // CPU (swiglu_cpu.cpp): the elements [begin, end) of the row-major (rows, n) index space.
 void swiglu_fwd_cpu(const SwigluParams& p, int64_t begin, int64_t end);
 void swiglu_bwd_cpu(const SwigluParams& p, int64_t begin, int64_t end);

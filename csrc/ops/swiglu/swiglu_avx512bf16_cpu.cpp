@@ -63,23 +63,20 @@ void swiglu_fwd_cpu_avx512bf16(const SwigluParams& p, int64_t begin, int64_t end
   const uint16_t* g = static_cast<const uint16_t*>(p.gate);
   const uint16_t* u = static_cast<const uint16_t*>(p.up);
   uint16_t* y = static_cast<uint16_t*>(p.y);
-  for (int64_t i = begin; i < end;) {  // row segments of the flat range, as swiglu_cpu.cpp
-    const int64_t r = i / p.n, c = i - r * p.n;
-    const int64_t len = (p.n - c) < (end - i) ? (p.n - c) : (end - i);
-    const uint16_t* gr = g + r * p.gate_rs + c;
-    const uint16_t* ur = u + r * p.up_rs + c;
-    uint16_t* yr = y + r * p.n + c;
+  for (int64_t i = begin; i < end;) {  // row segments of the flat range (swiglu.h)
+    const SwigluSegment s = swiglu_segment(p, i, end);
+    const uint16_t *gr = g + s.gate, *ur = u + s.up;
+    uint16_t* yr = y + s.out;
     int64_t j = 0;
-    if (p.gate_rs != p.n && i + len < end) {  // strided rows (packed halves): prefetch the next row
-      for (; j + 16 <= len; j += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(gr + p.gate_rs + j), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(ur + p.up_rs + j), _MM_HINT_T0);
-        fwd16(gr + j, ur + j, yr + j, 0, true);
+    for (; j + 16 <= s.len; j += 16) {
+      if (s.prefetch_next) {
+        _mm_prefetch(reinterpret_cast<const char*>(g + s.gate_next + j), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(u + s.up_next + j), _MM_HINT_T0);
       }
+      fwd16(gr + j, ur + j, yr + j, 0, true);
     }
-    for (; j + 16 <= len; j += 16) fwd16(gr + j, ur + j, yr + j, 0, true);
-    if (j < len) fwd16(gr + j, ur + j, yr + j, tail_mask(len - j), false);
-    i += len;
+    if (j < s.len) fwd16(gr + j, ur + j, yr + j, tail_mask(s.len - j), false);
+    i += s.len;
   }
 }
 
@@ -91,24 +88,19 @@ void swiglu_bwd_cpu_avx512bf16(const SwigluParams& p, int64_t begin, int64_t end
   uint16_t* dg = static_cast<uint16_t*>(p.dgate);
   uint16_t* du = static_cast<uint16_t*>(p.dup);
   for (int64_t i = begin; i < end;) {
-    const int64_t r = i / p.n, c = i - r * p.n;
-    const int64_t len = (p.n - c) < (end - i) ? (p.n - c) : (end - i);
-    const uint16_t* dyr = dy + r * p.n + c;
-    const uint16_t* gr = g + r * p.gate_rs + c;
-    const uint16_t* ur = u + r * p.up_rs + c;
-    uint16_t* dgr = dg + r * p.dgate_rs + c;
-    uint16_t* dur = du + r * p.dup_rs + c;
+    const SwigluSegment s = swiglu_segment(p, i, end);
+    const uint16_t *dyr = dy + s.out, *gr = g + s.gate, *ur = u + s.up;
+    uint16_t *dgr = dg + s.dgate, *dur = du + s.dup;
     int64_t j = 0;
-    if (p.gate_rs != p.n && i + len < end) {  // strided rows (packed halves): prefetch the next row
-      for (; j + 16 <= len; j += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(gr + p.gate_rs + j), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(ur + p.up_rs + j), _MM_HINT_T0);
-        bwd16(dyr + j, gr + j, ur + j, dgr + j, dur + j, 0, true);
+    for (; j + 16 <= s.len; j += 16) {
+      if (s.prefetch_next) {
+        _mm_prefetch(reinterpret_cast<const char*>(g + s.gate_next + j), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(u + s.up_next + j), _MM_HINT_T0);
       }
+      bwd16(dyr + j, gr + j, ur + j, dgr + j, dur + j, 0, true);
     }
-    for (; j + 16 <= len; j += 16) bwd16(dyr + j, gr + j, ur + j, dgr + j, dur + j, 0, true);
-    if (j < len) bwd16(dyr + j, gr + j, ur + j, dgr + j, dur + j, tail_mask(len - j), false);
-    i += len;
+    if (j < s.len) bwd16(dyr + j, gr + j, ur + j, dgr + j, dur + j, tail_mask(s.len - j), false);
+    i += s.len;
   }
 }
 
