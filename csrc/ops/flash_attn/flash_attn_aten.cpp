@@ -121,7 +121,16 @@ void run_fwd(const FlashAttnParams& p_in, const at::Tensor& q) {
 #endif
 }
 
-void run_bwd(FlashAttnParams& p, const at::Tensor& q) {
+// Backward of the dense and varlen ops alike: p from dense_params / varlen_params; out, lse, dout
+// contiguous; dq, dk, dv allocated by the caller.
+void run_bwd(FlashAttnParams& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+             const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
   const int64_t Dp = (p.head_dim + 15) / 16 * 16;
   if (q.is_cpu()) {
     const int64_t ns = flash_attn_bwd_cpu_num_splits(p);
@@ -194,13 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(const at::Tensor& 
   at::Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
   c10::OptionalDeviceGuard guard(q.device());
   FlashAttnParams p = dense_params(q, k, v, softmax_scale, causal);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  p.dout = dout.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  run_bwd(p, q);
+  run_bwd(p, q, out, lse, dout, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -293,13 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
   at::Tensor cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
   c10::OptionalDeviceGuard guard(q.device());
   FlashAttnParams p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  p.dout = dout.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  run_bwd(p, q);
+  run_bwd(p, q, out, lse, dout, dq, dk, dv);
   return {dq, dk, dv};
 }
 
