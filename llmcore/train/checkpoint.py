@@ -3,15 +3,26 @@
     <out>/ckpt-00001000/
         model.safetensors   weights (state_dict; the tied lm_head is embed.weight, stored once)
         train_state.pt      optimizer, grad scaler, RNG states (python, numpy, torch, cuda),
-                            data position, step — everything --resume needs to continue exactly
+                            data position, step — everything --resume needs to continue exactly;
+                            tensors and plain types only, loaded with torch.load(weights_only=True)
         meta.json           model config, step, tokens seen, anything the stage adds
 
-The directory is written as <out>/.tmp-ckpt-*, then renamed into place (os.rename is atomic on one
-filesystem): a crash during a save leaves the previous checkpoints untouched, and a half-written
-temporary directory is never taken for a checkpoint (and is removed by the next save).
+Safety: nothing a checkpoint holds can run code when loaded. Weights are safetensors;
+train_state.pt is read with `weights_only=True` (a file that would need pickle beyond tensors,
+dicts, lists, numbers and strings is refused with CheckpointError naming it).
+
+Durability: the directory is written as <out>/.tmp-ckpt-*, every file and the directory fsync'd,
+then renamed into place (os.rename is atomic on one filesystem) and the parent fsync'd: a crash or
+power loss during a save leaves the previous checkpoints untouched, and a half-written temporary
+directory is never taken for a checkpoint (and is removed by the next save).
+
+Never bad weights over good ones: save_checkpoint refuses weights with a NaN or inf (raising
+NonFiniteWeights before anything is written or rotated away), so the newest checkpoint is always
+finite and rotation (keep_last) only ever deletes older ones.
 """
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,19 +39,49 @@ from llmcore.model.model import Transformer
 _CKPT = re.compile(r"^ckpt-(\d{8})$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely or does not fit; str() names the file."""
+
+
+class NonFiniteWeights(ValueError):
+    """save_checkpoint was handed weights with a NaN or inf; nothing was written."""
+
+
 def rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain types (what torch.load(weights_only=True) accepts)."""
+    version, mt, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": {"version": version, "state": list(mt), "gauss": gauss},
+         "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
 def set_rng_state(s: dict):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py, npy = s["python"], s["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np.random.set_state((npy["name"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _fsync(path: Path):
+    """Flush a file or a directory to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def non_finite_tensors(state: dict) -> list:
+    """Names of the floating-point tensors of `state` holding a NaN or inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def list_checkpoints(out_dir) -> list:
@@ -59,14 +100,19 @@ def latest_checkpoint(out_dir):
 
 def save_checkpoint(out_dir, step: int, model, optimizer=None, scaler=None, data_state=None, meta=None,
                     keep_last: int = 3) -> Path:
-    """Write <out_dir>/ckpt-<step> atomically and delete all but the newest keep_last."""
+    """Write <out_dir>/ckpt-<step> atomically (fsync'd) and delete all but the newest keep_last.
+    Raises NonFiniteWeights, writing and deleting nothing, when a weight holds a NaN or inf."""
     out = Path(out_dir)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteWeights(f"refusing to write checkpoint step {step} to {out}: {len(bad)} tensor(s) hold NaN/inf "
+                               f"(first: {bad[0]}); the previous checkpoints are kept")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-ckpt-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-ckpt-{step:08d}-", dir=out))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         if optimizer is not None:
             torch.save({"step": step, "optimizer": optimizer.state_dict(),
@@ -75,18 +121,53 @@ def save_checkpoint(out_dir, step: int, model, optimizer=None, scaler=None, data
         meta = {"step": step, **(meta or {})}
         if hasattr(model, "cfg"):
             meta.setdefault("model_config", model.cfg.to_dict())
+        adapters = adapter_meta(model)
+        if adapters:
+            meta["adapters"] = adapters
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2, default=str)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
         final = out / f"ckpt-{step:08d}"
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def adapter_meta(model):
+    """How to rebuild a model that carries LoRA (and, for QLoRA, NF4 bases) from its plain config:
+    {"r", "alpha", "dropout", "use_rslora", "targets", "nf4": None | {blocksize, double_quant,
+    compute_dtype}}; None for a model without adapters."""
+    from llmcore.nn.lora import _config_of, lora_modules
+
+    mods = lora_modules(model)
+    if not mods:
+        return None
+    conf = _config_of(model)
+    nf4 = [m.base_layer for _, m in mods if hasattr(m.base_layer, "weight_data")]
+    conf["nf4"] = None if not nf4 else {"blocksize": nf4[0].blocksize, "double_quant": nf4[0].weight_absmax2 is not None,
+                                        "compute_dtype": str(nf4[0].compute_dtype).replace("torch.", "")}
+    return conf
+
+
+def _with_adapters(model, adapters: dict):
+    """Put the LoRA (QLoRA: NF4 base first) layers described by adapter_meta on a plain model."""
+    from llmcore.train.lora import prepare_lora, quantize_linears
+
+    nf4 = adapters.get("nf4")
+    if nf4:
+        quantize_linears(model, adapters["targets"], nf4["blocksize"], nf4["double_quant"],
+                         getattr(torch, nf4["compute_dtype"]))
+    return prepare_lora(model, adapters["targets"], adapters["r"], adapters["alpha"], adapters["dropout"],
+                        adapters["use_rslora"])
 
 
 def load_meta(ckpt) -> dict:
@@ -101,8 +182,20 @@ def load_weights(model, ckpt, strict: bool = True):
 
 
 def load_train_state(ckpt, optimizer=None, scaler=None, restore_rng: bool = True) -> dict:
-    """Restore optimizer / scaler / RNG from train_state.pt; returns the state (step, data)."""
-    st = torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=False)
+    """Restore optimizer / scaler / RNG from train_state.pt; returns the state (step, data).
+    The file is read with weights_only=True: one that needs pickle is refused (CheckpointError)."""
+    path = Path(ckpt) / "train_state.pt"
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (a weights-only checkpoint cannot be resumed)")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain types, which only "
+                              f"pickle could load (and pickle can run code). Nothing from it was executed. "
+                              f"({first[:200]})") from None
+    if not isinstance(st, dict) or not {"step", "optimizer", "rng"} <= set(st):
+        raise CheckpointError(f"{path}: not an llmcore training state (expected a dict with step/optimizer/rng)")
     if optimizer is not None:
         optimizer.load_state_dict(st["optimizer"])
     if scaler is not None and st.get("scaler") is not None:
@@ -112,17 +205,38 @@ def load_train_state(ckpt, optimizer=None, scaler=None, restore_rng: bool = True
     return st
 
 
-def load_model(ckpt, device="cpu", backend=None) -> Transformer:
-    """Build the model from a checkpoint directory (or an out dir: its latest checkpoint)."""
-    ckpt = Path(ckpt)
-    if not (ckpt / "meta.json").exists():
-        latest = latest_checkpoint(ckpt)
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt}")
-        ckpt = latest
-    cfg = load_meta(ckpt)["model_config"]
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory (meta.json) from itself or from a run directory (its latest checkpoint);
+    FileNotFoundError saying what was looked for otherwise."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        hint = " (a transformers directory: use llmcore.export.loading / --import)" if (path / "config.json").exists() \
+            else ""
+        raise FileNotFoundError(f"no checkpoint in {path}: neither a checkpoint (meta.json) nor a run directory "
+                                f"with ckpt-* inside{hint}")
+    return latest
+
+
+def load_model(ckpt, device="cpu", backend=None, merge_adapters: bool = True) -> Transformer:
+    """Build the model from a checkpoint directory (or an out dir: its latest checkpoint).
+
+    A checkpoint of a LoRA / QLoRA run (meta "adapters") is rebuilt as written — base (NF4 for
+    QLoRA) + adapters — and, with merge_adapters (default), folded into plain fp32 linears, so every
+    tool gets an ordinary model; merge_adapters=False keeps the LoRA layers (to train on)."""
+    ckpt = resolve_checkpoint(ckpt)
+    meta = load_meta(ckpt)
+    cfg = meta["model_config"]
     if backend is not None:
         cfg["backend"] = backend
     model = Transformer(ModelConfig.from_dict(cfg))
+    if meta.get("adapters"):
+        _with_adapters(model, meta["adapters"])
     load_weights(model, ckpt)
+    if meta.get("adapters") and merge_adapters:
+        from llmcore.nn.lora import merge_lora
+
+        merge_lora(model)
     return model.to(device)

@@ -17,7 +17,15 @@ train(). The loop owns everything else:
   <out>/log.jsonl, periodic held-out eval loss, a loss-curve PNG at the end (if matplotlib);
 - checkpoints every cfg.save_every steps and at the end (llmcore.train.checkpoint), resume from the
   latest one with resume=True: weights, optimizer, scaler, RNG, data position, step — the losses
-  after a resume equal those of an uninterrupted run;
+  after a resume equal those of an uninterrupted run. A resume whose schedule settings (steps, lr,
+  warmup, batch, accumulation, seed: SCHEDULE_FIELDS) differ from the checkpoint's is refused
+  unless cfg.allow_schedule_change, and then warned about: it would silently change the learning
+  rate of the part already trained (or the data order);
+- non-finite steps: a step whose loss or gradient norm is NaN/inf is skipped (no optimizer update,
+  as GradScaler does for fp16 overflow; with fp16 an overflow of the gradients alone is left to the
+  scaler, which skips and lowers its scale), counted ("skipped_steps" in the log), and after
+  cfg.max_bad_steps consecutive ones the run stops with TrainingDiverged naming the step, without
+  writing a checkpoint; non-finite values appear in log.jsonl as null (it stays valid JSON);
 - torchrun: DDP over gloo (CPU) or NCCL (CUDA), gradients all-reduced on the last micro-batch only
   (no_sync before), rank 0 logs and saves.
 """
@@ -25,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -62,7 +71,43 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: str = ""                  # wandb project name; empty = off
     plot: bool = True
+    max_bad_steps: int = 5           # consecutive non-finite steps (skipped) before TrainingDiverged
+    allow_schedule_change: bool = False  # resume with different SCHEDULE_FIELDS (warned) instead of refusing
     extra_meta: dict = field(default_factory=dict)  # stored in each checkpoint's meta.json
+
+
+# TrainConfig fields that fix the learning-rate schedule or the data order of a run
+SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "batch_size", "grad_accum", "seed")
+
+
+class TrainingDiverged(RuntimeError):
+    """cfg.max_bad_steps consecutive optimizer steps had a non-finite loss or gradient norm."""
+
+
+class ScheduleMismatch(ValueError):
+    """--resume with schedule settings that differ from the checkpoint's."""
+
+
+def _finite_or_none(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+def _json_row(row: dict) -> str:
+    """One log.jsonl line: non-finite floats as null, so the file stays valid JSON."""
+    return json.dumps({k: _finite_or_none(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                       for k, v in row.items()}, allow_nan=False)
+
+
+def check_schedule(saved: dict, cfg, ckpt) -> list:
+    """The SCHEDULE_FIELDS whose value in a checkpoint's train_config differs from cfg, as
+    "name: saved -> now" strings; raises ScheduleMismatch unless cfg.allow_schedule_change."""
+    diffs = [f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE_FIELDS
+             if k in saved and saved[k] != getattr(cfg, k)]
+    if diffs and not cfg.allow_schedule_change:
+        raise ScheduleMismatch(f"{ckpt}: --resume with a different schedule ({'; '.join(diffs)}) would change the "
+                               f"learning rate / data order of the steps already trained. Resume with the original "
+                               f"settings, or pass --allow-schedule-change to continue on the new schedule.")
+    return diffs
 
 
 def lm_loss(model, batch):
@@ -165,7 +210,7 @@ class _Loggers:
         if not enabled:
             return
         if self.path.exists():  # keep the history up to the resumed step only
-            rows = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
+            rows = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= start_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         if cfg.tensorboard:
             try:
@@ -184,9 +229,9 @@ class _Loggers:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **row}) + "\n")
+            f.write(_json_row({"step": step, **row}) + "\n")
         for k, v in row.items():
-            if self.tb is not None:
+            if self.tb is not None and v is not None:
                 self.tb.add_scalar(k, v, step)
         if self.wb is not None:
             self.wb.log(row, step=step)
@@ -207,8 +252,8 @@ def plot_losses(log_path, png_path):
     except ImportError:
         return None
     rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l]
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if tr:
         ax.plot(*zip(*tr), label="train")
@@ -248,11 +293,16 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         last = ckpt_mod.latest_checkpoint(out)
         if last is not None:
             ckpt_mod.load_weights(raw, last)
+            saved_meta = ckpt_mod.load_meta(last)
+            diffs = check_schedule(saved_meta.get("train_config") or {}, cfg, last)
             st = ckpt_mod.load_train_state(last, opt, scaler)
-            step, tokens = st["step"], ckpt_mod.load_meta(last).get("tokens", 0)
+            step, tokens = st["step"], saved_meta.get("tokens", 0)
             data.load_state_dict(st["data"])
             if is_main:
                 print(f"resumed from {last} (step {step}, {tokens} tokens)")
+                if diffs:
+                    print(f"WARNING: resuming on a changed schedule ({'; '.join(diffs)}): steps 1-{step} were "
+                          f"trained on the old one", file=sys.stderr)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     loggers = _Loggers(cfg, out, is_main, step)
@@ -276,6 +326,7 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
     model.train()
     t0 = t_log = time.perf_counter()
     tok_log, acc_loss, acc_metrics, n_acc = 0, 0.0, {}, 0
+    skipped, bad_run = 0, 0  # non-finite steps skipped: in all, and in a row
     while step < end:
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in opt.param_groups:
@@ -297,28 +348,52 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         if scaler is not None:
             scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if after_step is not None:
-            after_step(step, raw)
-        if world > 1:  # the logged loss is the mean over ranks
+        if world > 1:  # the logged loss is the mean over ranks (and every rank takes the same skip decision)
             dist.all_reduce(step_loss)
             step_loss /= world
-        loss_val = float(step_loss)
+        loss_val, gnorm_val = float(step_loss), float(gnorm)
+        # fp16: gradients that overflow with a finite loss are the scaler's to skip (it lowers its scale)
+        bad = not math.isfinite(loss_val) or (scaler is None and not math.isfinite(gnorm_val))
+        if bad:
+            skipped, bad_run = skipped + 1, bad_run + 1
+            if scaler is not None:
+                scaler.update()  # lowers the scale after the inf/NaN seen by unscale_
+        else:
+            bad_run = 0
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if bad and is_main:
+            msg = f"step {step}: non-finite loss {loss_val} / grad norm {gnorm_val}: optimizer step skipped " \
+                  f"({bad_run} in a row, {skipped} in all)"
+            (bar.write if bar is not None else print)(msg)
+        if bad_run >= max(1, cfg.max_bad_steps):
+            loggers.log(step, {"loss": loss_val, "grad_norm": gnorm_val, "skipped_steps": skipped})
+            loggers.close()
+            if bar is not None:
+                bar.close()
+            raise TrainingDiverged(
+                f"training diverged: {bad_run} consecutive steps with a non-finite loss or gradient norm, the last "
+                f"at step {step} (lr {lr:.3g}); no checkpoint was written for them, the last good one in {out} is "
+                f"kept. Lower --lr, check the data, or raise --max-bad-steps.")
+        if after_step is not None and not bad:
+            after_step(step, raw)
         history["losses"].append((step, loss_val))
-        acc_loss, n_acc = acc_loss + loss_val, n_acc + 1
+        if not bad:
+            acc_loss, n_acc = acc_loss + loss_val, n_acc + 1
         if bar is not None:
             bar.update(1)
         if step % cfg.log_every == 0 or step == end:
             now = time.perf_counter()
             tps = tok_log / max(now - t_log, 1e-9)
-            row = {"loss": acc_loss / n_acc, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tps, "tokens": tokens,
-                   **{k: v / n_acc for k, v in acc_metrics.items()}}
+            n_log = max(n_acc, 1)
+            row = {"loss": acc_loss / n_acc if n_acc else float("nan"), "lr": lr, "grad_norm": gnorm_val,
+                   "tokens_per_s": tps, "tokens": tokens, "skipped_steps": skipped,
+                   **{k: v / n_log for k, v in acc_metrics.items()}}
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             loggers.log(step, row)
@@ -330,12 +405,12 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
             loggers.log(step, {"eval_loss": ev})
             if bar is not None:
                 bar.write(f"step {step}: eval loss {ev:.4f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == end:
+        if (cfg.save_every and step % cfg.save_every == 0 and not bad) or step == end:
             save()
     if bar is not None:
         bar.close()
     loggers.close()
     if is_main and cfg.plot and (out / "log.jsonl").exists():
         plot_losses(out / "log.jsonl", out / "loss.png")
-    history.update(step=step, tokens=tokens, seconds=time.perf_counter() - t0)
+    history.update(step=step, tokens=tokens, seconds=time.perf_counter() - t0, skipped_steps=skipped)
     return history
