@@ -11,9 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from llmcore.data.tokenizer import Tokenizer  # noqa: E402
+from llmcore.export.loading import load_model_and_tokenizer  # noqa: E402
 from llmcore.model.generate import stream_text  # noqa: E402
-from llmcore.train import checkpoint  # noqa: E402
 
 
 # a reasoning reply (<think>…</think><answer>…</answer>) shows its think part apart from the answer
@@ -37,7 +36,8 @@ def reply(model, tok, messages, a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/sft", help="checkpoint directory or training --out")
+    p.add_argument("--ckpt", default="out/sft", help="checkpoint directory, training --out (its latest checkpoint; "
+                   "LoRA/QLoRA runs are merged), or a transformers directory (export_hf.py)")
     p.add_argument("--tokenizer", help="default: the one recorded in the checkpoint")
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--system", default="")
@@ -49,11 +49,14 @@ def main(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--history", action="store_true", help="keep the conversation (multi-turn)")
     a = p.parse_args(argv)
-    ckpt = Path(a.ckpt) if (Path(a.ckpt) / "meta.json").exists() else checkpoint.latest_checkpoint(a.ckpt)
-    if ckpt is None:
-        sys.exit(f"no checkpoint in {a.ckpt}")
-    tok = Tokenizer.load(a.tokenizer or checkpoint.load_meta(ckpt)["tokenizer"])
-    model = checkpoint.load_model(ckpt, device=a.device).eval()
+    try:
+        model, tok = load_model_and_tokenizer(a.ckpt, a.tokenizer, device=a.device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if tok is None:
+        sys.exit(f"error: no tokenizer found for {a.ckpt} (none recorded in its meta.json, none beside it): "
+                 f"pass --tokenizer DIR")
+    ckpt = a.ckpt
     base = [{"role": "system", "content": a.system}] if a.system else []
     if a.prompt:
         reply(model, tok, base + [{"role": "user", "content": a.prompt}], a)

@@ -41,9 +41,9 @@ def main(argv=None):
                                          n_heads=max(1, args.student_dim // 64) * 2, n_kv_heads=max(1, args.student_dim // 64),
                                          vocab_size=tc.vocab_size, max_seq_len=tc.max_seq_len, backend=tc.backend))
     print(f"teacher {teacher.num_params():,} params, student {student.num_params():,} params")
-    ds = ChatDataset(data, tok, args.max_len)
-    held = ChatDataset(args.eval_data, tok, args.max_len) if args.eval_data else None
-    cfg = stage_cli.train_config(args, 2e-3 if not args.init else 5e-4)
+    ds = ChatDataset(data, tok, args.max_len, args.skip_bad)
+    held = ChatDataset(args.eval_data, tok, args.max_len, args.skip_bad) if args.eval_data else None
+    cfg = stage_cli.train_config(args, 2e-3 if not args.init else 5e-4, tok=tok, stage="distill")
     hist = train_distill(student, teacher, ds, cfg, args.alpha, args.temperature)
     if held is not None:
         print(f"held-out KL(teacher || student): {teacher_kl(student, teacher, held, device=args.device):.4f}")
@@ -52,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    stage_cli.run_cli(main)

@@ -22,10 +22,14 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=50, help="held-out prompts for the format rate")
     args = p.parse_args(argv)
     tok, data, ev = stage_cli.default_data(args, "reason", "eval_reason")
+    if ev is None:
+        data, ev = stage_cli.holdout(data, args.eval_n, "the format rate and answer accuracy", args.skip_bad)
+    else:
+        print(f"format rate and answer accuracy on {ev} (question/answer or conversation records)")
     model = stage_cli.load_init(args.init, args.device)
-    cfg = stage_cli.train_config(args, 1e-3)
-    hist = train_reason(model, ChatDataset(data, tok, args.max_len), cfg, tok, args.tag_weight)
-    recs = read_jsonl(ev)[: args.eval_n]
+    cfg = stage_cli.train_config(args, 1e-3, tok=tok, stage="reason")
+    hist = train_reason(model, ChatDataset(data, tok, args.max_len, args.skip_bad), cfg, tok, args.tag_weight)
+    recs = read_jsonl(ev, "eval", args.skip_bad)[: args.eval_n]
     rate, acc = format_rate(model, tok, recs, device=args.device)
     print(f"held-out format rate {rate:.3f}, answer accuracy {acc:.3f} ({len(recs)} prompts)")
     think, answer = split_reasoning(greedy_reply(model, tok, [{"role": "user", "content": recs[0]["question"]}],
@@ -38,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    stage_cli.run_cli(main)

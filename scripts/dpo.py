@@ -27,23 +27,27 @@ def main(argv=None):
     p.set_defaults(batch_size=8, steps=100)
     args = p.parse_args(argv)
     tok, data, ev = stage_cli.default_data(args, "dpo", "eval_dpo")
+    if ev is None:
+        data, ev = stage_cli.holdout(data, 64, "held-out preference accuracy", args.skip_bad)
+    else:
+        print(f"held-out preference accuracy on {ev}")
     model = stage_cli.load_init(args.init, args.device)
-    eval_set = PairDataset(ev, tok, args.max_len)
+    eval_set = PairDataset(ev, tok, args.max_len, args.skip_bad)
     before = preference_accuracy(model, eval_set, device=args.device)
     print(f"held-out preference accuracy before DPO: {before[0]:.3f} (mean log-prob margin {before[1]:+.3f})")
     if args.lora:
         prepare_lora(model)
-    cfg = stage_cli.train_config(args, 1e-4 if not args.lora else 5e-4)
-    hist = train_dpo(model, PairDataset(data, tok, args.max_len), cfg, beta=args.beta, label_smoothing=args.label_smoothing)
+    cfg = stage_cli.train_config(args, 1e-4 if not args.lora else 5e-4, tok=tok, stage="dpo")
+    hist = train_dpo(model, PairDataset(data, tok, args.max_len, args.skip_bad), cfg, beta=args.beta, label_smoothing=args.label_smoothing)
     after = preference_accuracy(model, eval_set, device=args.device)
     print(f"held-out preference accuracy after DPO:  {after[0]:.3f} (mean log-prob margin {after[1]:+.3f})")
     print(f"{hist['step']} steps in {hist['seconds']:.1f}s; {stage_cli.memory_report('dpo')}")
     if args.lora:
         save_adapter(model, Path(args.out) / "adapter")
         merge_lora(model)
-        print(f"merged: {stage_cli.save_plain(model, Path(args.out) / 'merged', hist['step'])}")
+        print(f"merged: {stage_cli.save_plain(model, Path(args.out) / 'merged', hist['step'], cfg.extra_meta)}")
     return {"before": before, "after": after, "history": hist}
 
 
 if __name__ == "__main__":
-    main()
+    stage_cli.run_cli(main)

@@ -32,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--mode", default="letter", choices=MODES)
     ap.add_argument("--chat", action="store_true", help="wrap multiple-choice prompts in the chat template")
     ap.add_argument("--json", help="also write the results to this json file")
+    ap.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
     args = ap.parse_args(argv)
     if args.ppl is None and args.choice is None:
         ap.error("give --ppl FILE... and/or --choice [CSV...]")
@@ -45,7 +46,7 @@ def main(argv=None):
         max_len = args.max_len or model.cfg.max_seq_len
         rows = []
         for f in args.ppl:
-            texts = read_texts(f, args.field)[: args.limit]
+            texts = read_texts(f, args.field, args.skip_bad)[: args.limit]
             r = perplexity(model, texts, tok, max_len=max_len, stride=args.stride)
             results[f"ppl:{f}"] = r
             rows.append((f, r))
@@ -67,4 +68,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from llmcore.train.stage_cli import run_cli
+
+    run_cli(main)

@@ -35,16 +35,16 @@ def main(argv=None):
     prepare_lora(model, args.targets.split(","), args.r, args.alpha, args.dropout, args.rslora, qlora=args.qlora)
     print(stage_cli.memory_report("qlora: NF4 base + adapters" if args.qlora else "lora: base + adapters", model))
     print(trainable_summary(model))
-    cfg = stage_cli.train_config(args, 1e-3)
-    hist = train_lora(model, ChatDataset(data, tok, args.max_len), cfg)
+    cfg = stage_cli.train_config(args, 1e-3, tok=tok, stage="lora")
+    hist = train_lora(model, ChatDataset(data, tok, args.max_len, args.skip_bad), cfg)
     print(f"trained {hist['step']} steps in {hist['seconds']:.1f}s, final loss {hist['losses'][-1][1]:.4f}")
     print(stage_cli.memory_report("after training"))
     print(f"adapter: {args.out}/adapter")
     if args.merge:
         merge_lora(model)
-        print(f"merged: {stage_cli.save_plain(model, Path(args.out) / 'merged', hist['step'])}")
+        print(f"merged: {stage_cli.save_plain(model, Path(args.out) / 'merged', hist['step'], cfg.extra_meta)}")
     return hist
 
 
 if __name__ == "__main__":
-    main()
+    stage_cli.run_cli(main)

@@ -46,7 +46,7 @@ def main(argv=None):
     try:
         st = PREPARE[args.kind](args.data, args.tokenizer, args.out, num_workers=args.num_workers,
                                 strict=not args.skip_bad, progress=not args.no_progress)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"{args.kind}: {st['num_docs']} docs, {st['num_tokens']} tokens, {st['num_bad']} malformed line(s) skipped, "

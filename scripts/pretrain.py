@@ -43,6 +43,13 @@ def add_train_args(p, steps=600, batch_size=16, lr=2e-3, seq_len=256):
     p.add_argument("--wandb", default="", help="wandb project (if wandb is installed)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="with --resume: continue even though --steps/--lr/--warmup/--batch-size/... differ from the "
+                        "checkpoint's (refused by default: it changes the schedule of the part already trained)")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop (non-zero exit) after this many consecutive steps with a NaN/inf loss or gradient "
+                        "norm; each such step is skipped, not applied")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
 
 
 def train_config(a, **extra_meta) -> TrainConfig:
@@ -50,6 +57,7 @@ def train_config(a, **extra_meta) -> TrainConfig:
                        warmup_steps=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip, dtype=a.dtype,
                        device=a.device, seed=a.seed, log_every=a.log_every, eval_every=a.eval_every,
                        save_every=a.save_every, keep_last=a.keep_last, wandb=a.wandb, progress=not a.no_progress,
+                       max_bad_steps=a.max_bad_steps, allow_schedule_change=a.allow_schedule_change,
                        extra_meta=extra_meta)
 
 
@@ -70,8 +78,7 @@ def shards(a, kind):
     else:
         tok = train_tokenizer(a.data, 6400, tok_dir)
     out = work / f"{kind}_{Path(a.data[0]).stem}"
-    if not (out / "meta.json").exists():
-        (prep.prepare_pretrain if kind == "pretrain" else prep.prepare_sft)(a.data, tok, out)
+    prep.prepare_cached(kind, a.data, tok, out, strict=not a.skip_bad, progress=not a.no_progress)
     return out, tok_dir
 
 
@@ -94,4 +101,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from llmcore.train.stage_cli import run_cli
+
+    run_cli(main)

@@ -34,4 +34,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from llmcore.train.stage_cli import run_cli
+
+    run_cli(main)

@@ -10,7 +10,9 @@ Shard layout (one directory per prepared split):
                   "pad_id", "bos_id", "eos_id", "num_bad", "sources", ...}; written last, so a
                  directory with meta.json is complete
 
-- pretrain (`prepare_pretrain`): each `{"text"}` line -> one document `bos + ids(text) + eos`.
+- pretrain (`prepare_pretrain`): each `{"text"}` line -> one document `bos + ids(text) + eos`
+  (a text that already starts with `<|im_start|>` / ends with `<|im_end|>`, as minimind's pretrain
+  data does, keeps its own: never two bos or two eos).
 - SFT (`prepare_sft`): each `{"conversations": [...]}` line -> the ChatML ids of the whole
   conversation (`Tokenizer.apply_chat_template`), mask = 1 on the tokens of every assistant
   content and its closing `<|im_end|>`, 0 on everything else (system and user turns, every
@@ -20,11 +22,18 @@ Shard layout (one directory per prepared split):
   `chosen/` and `rejected/` (document i of both = pair i); the mask covers only the LAST
   assistant message (the completion being preferred) and its `<|im_end|>`.
 
-Malformed lines (bad JSON, a missing or mistyped key, an empty text or conversation, a role other
-than system/user/assistant, a conversation without an assistant turn, a DPO side not ending with
-an assistant turn) are reported as `path:line: reason`. strict=True (default) raises ValueError
-on the first one; strict=False skips them and counts them in the returned stats ("num_bad",
-"bad_examples"). Blank lines are ignored silently.
+Lines are read and checked by the one jsonl reader (llmcore.data.jsonl: BOM dropped, non-UTF-8
+bytes, bad JSON, a missing or mistyped key, an empty text or conversation, a role other than
+system/user/assistant, a conversation without an assistant turn, a DPO side not ending with an
+assistant turn), reported as `path:line: reason`. strict=True (default) raises BadLine on the
+first one; strict=False (--skip-bad) skips them and counts them in the returned stats ("num_bad",
+"bad_examples"). Blank lines are ignored silently; an empty file, or files without one usable line,
+raise NoData.
+
+Caching (`prepare_cached`, what the CLIs use): a shard records the fingerprint of what made it —
+the size and SHA-256 of every input file, the tokenizer's hash, the prep settings — and is
+re-prepared, saying why, whenever any of them changes (lines appended, another file of the same
+name, a new tokenizer).
 
 Work is spread over `num_workers` processes (forked on Linux, spawned elsewhere; each holds the
 tokenizer); results come back in file order, so the output is identical whatever the worker count.
@@ -33,6 +42,7 @@ Inputs under MIN_BYTES_FOR_POOL (256 KiB) are done in-process (a pool would cost
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -43,15 +53,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from llmcore.data.tokenizer import IM_END, ROLES, Tokenizer, render_chat
+from llmcore.data.jsonl import BadLine, NoData, iter_lines, parse_record, report_skipped  # noqa: F401 (BadLine: re-export)
+from llmcore.data.tokenizer import IM_END, Tokenizer, render_chat
 
 CHUNK_LINES = 1024  # lines per unit of work
 MIN_BYTES_FOR_POOL = 256 * 1024  # smaller inputs are tokenized in-process
-_VALID_ROLES = set(ROLES)
-
-
-class BadLine(ValueError):
-    """A malformed jsonl line; str() is `path:line: reason`."""
 
 
 def token_dtype(vocab_size: int):
@@ -61,54 +67,6 @@ def token_dtype(vocab_size: int):
 # ----------------------------------------------------------------------------------------------
 # Parsing and encoding of one record (run inside the workers)
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_messages(msgs, key: str, need_last_assistant: bool = False) -> list:
-    if not isinstance(msgs, list):
-        raise ValueError(f"'{key}' must be a list of messages, got {type(msgs).__name__}")
-    if not msgs:
-        raise ValueError(f"empty conversation in '{key}'")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ValueError(f"'{key}'[{i}] must be an object with 'role' and 'content'")
-        if "role" not in m or "content" not in m:
-            raise ValueError(f"'{key}'[{i}] is missing 'role' or 'content'")
-        if m["role"] not in _VALID_ROLES:
-            raise ValueError(f"'{key}'[{i}] has role {m['role']!r}, expected one of system/user/assistant")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"'{key}'[{i}] content must be a string")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError(f"'{key}' has no assistant message (nothing to learn)")
-    if need_last_assistant and msgs[-1]["role"] != "assistant":
-        raise ValueError(f"'{key}' must end with an assistant message")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
-def _parse(kind: str, line: str):
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-    if kind == "pretrain":
-        if "text" not in rec:
-            raise ValueError("missing key 'text'")
-        if not isinstance(rec["text"], str):
-            raise ValueError("'text' must be a string")
-        if not rec["text"].strip():
-            raise ValueError("empty 'text'")
-        return rec["text"]
-    if kind == "sft":
-        if "conversations" not in rec:
-            raise ValueError("missing key 'conversations'")
-        return _check_messages(rec["conversations"], "conversations")
-    if kind == "dpo":
-        for k in ("chosen", "rejected"):
-            if k not in rec:
-                raise ValueError(f"missing key '{k}'")
-        return (_check_messages(rec["chosen"], "chosen", True), _check_messages(rec["rejected"], "rejected", True))
-    raise ValueError(f"unknown kind {kind!r}")
 
 
 def loss_mask_spans(messages: Sequence[dict], only_last: bool = False) -> list[tuple[int, int]]:
@@ -154,18 +112,19 @@ def _work(kind: str, chunk: list, tok: Tokenizer | None = None):
     (ids,) for pretrain, (ids, mask) for sft, (ids_c, mask_c, ids_r, mask_r) for dpo."""
     tok = tok or _WORKER_TOK
     parsed, bad = [], []
-    for path, lineno, line in chunk:
-        try:
-            parsed.append(_parse(kind, line))
-        except ValueError as e:
-            bad.append(f"{path}:{lineno}: {e}")
-            parsed.append(None)
+    for path, lineno, line, err in chunk:
+        if err is None:
+            try:
+                parsed.append(parse_record(kind, line))
+                continue
+            except ValueError as e:
+                err = str(e)
+        bad.append(f"{path}:{lineno}: {err}")
     good = [p for p in parsed if p is not None]
     out = []
     if kind == "pretrain":
-        enc = tok.encode_batch(good)
-        for ids in enc:
-            out.append((np.asarray([tok.bos_id] + ids + [tok.eos_id], dtype=np.int64),))
+        for ids in tok.encode_batch(good):
+            out.append((pretrain_ids(ids, tok.bos_id, tok.eos_id),))
     elif kind == "sft":
         texts = [render_chat(m) for m in good]
         encs = tok.hf.encode_batch(texts, add_special_tokens=False)
@@ -183,6 +142,15 @@ def _work(kind: str, chunk: list, tok: Tokenizer | None = None):
     return out, bad
 
 
+def pretrain_ids(ids: list, bos_id: int, eos_id: int) -> np.ndarray:
+    """One pretraining document: bos + ids + eos, except that a text which already opens with bos
+    or closes with eos (minimind's pretrain text carries `<|im_start|>` … `<|im_end|>`, which are
+    our bos / eos) does not get a second one."""
+    head = [] if ids[:1] == [bos_id] else [bos_id]
+    tail = [] if ids[-1:] == [eos_id] else [eos_id]
+    return np.asarray(head + ids + tail, dtype=np.int64)
+
+
 def _work_remote(args):
     kind, chunk = args
     return _work(kind, chunk)
@@ -194,18 +162,15 @@ def _work_remote(args):
 
 
 def _read_chunks(paths: Sequence[Path]):
-    """Yield (chunk, nbytes): lists of (path, lineno, line) from the files, in order."""
+    """Yield (chunk, nbytes): lists of (path, lineno, line, error) from the files, in order
+    (llmcore.data.jsonl.iter_lines: BOM dropped, undecodable lines carry their error)."""
     chunk, nbytes = [], 0
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                nbytes += len(line.encode("utf-8"))
-                if not line.strip():
-                    continue
-                chunk.append((str(path), lineno, line))
-                if len(chunk) >= CHUNK_LINES:
-                    yield chunk, nbytes
-                    chunk, nbytes = [], 0
+    for path, lineno, line, n, err in iter_lines(paths):
+        nbytes += n
+        chunk.append((path, lineno, line, err))
+        if len(chunk) >= CHUNK_LINES:
+            yield chunk, nbytes
+            chunk, nbytes = [], 0
     if chunk:
         yield chunk, nbytes
 
@@ -347,7 +312,7 @@ def _prepare(kind, jsonl_paths, tok, out_dir, num_workers, strict, progress):
             if strict:
                 for w in writers:
                     w.close()
-                raise BadLine(f"{bad[0]}  (use strict=False / --skip-bad to skip malformed lines)")
+                raise BadLine(f"{bad[0]}  (--skip-bad skips malformed lines)")
             bad_count += len(bad)
             bad_examples.extend(bad[: max(0, 10 - len(bad_examples))])
         for r in results:
@@ -359,6 +324,9 @@ def _prepare(kind, jsonl_paths, tok, out_dir, num_workers, strict, progress):
                 writers[0].add(r[0], r[1])
                 writers[1].add(r[2], r[3])
     stats_parts = [w.close() for w in writers]
+    if stats_parts[0]["num_docs"] == 0:
+        raise NoData(f"{', '.join(map(str, paths))}: no usable line ({bad_count} malformed"
+                     + (f"; first: {bad_examples[0]}" if bad_examples else "") + ")")
     meta = _base_meta(kind, tok, paths, dtype)
     meta["num_bad"] = bad_count
     if kind == "dpo":
@@ -372,9 +340,7 @@ def _prepare(kind, jsonl_paths, tok, out_dir, num_workers, strict, progress):
         meta.update(stats_parts[0])
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     _write_meta(out, meta)
-    if bad_count:
-        print(f"[llmcore.data.prep] skipped {bad_count} malformed line(s) in {kind} data; first: {bad_examples[0]}",
-              file=sys.stderr)
+    report_skipped(bad_count, bad_examples, f"{kind} data {', '.join(map(str, paths))}")
     return {**meta, "bad_examples": bad_examples, "out_dir": str(out)}
 
 
@@ -397,6 +363,65 @@ def prepare_dpo(jsonl_paths, tokenizer, out_dir, num_workers: int = 2, strict: b
     """Tokenize `{"chosen", "rejected"}` jsonl files into out_dir/chosen and out_dir/rejected
     shards (pair i = document i of both); masks cover only the final assistant message."""
     return _prepare("dpo", jsonl_paths, tokenizer, out_dir, num_workers, strict, progress)
+
+
+PREP_VERSION = 2  # bump when the same inputs would give different shards (re-prepares cached ones)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprint(kind: str, jsonl_paths, tok: Tokenizer, strict: bool = True) -> dict:
+    """What a prepared shard depends on: every input file's size and SHA-256 (in order), the
+    tokenizer's hash and the prep settings."""
+    paths = [Path(p) for p in ([jsonl_paths] if isinstance(jsonl_paths, (str, os.PathLike)) else jsonl_paths)]
+    return {"kind": kind, "prep_version": PREP_VERSION, "tokenizer_hash": tok.hash, "skip_bad": not strict,
+            "files": [{"name": p.name, "size": p.stat().st_size, "sha256": _sha256(p)} for p in paths]}
+
+
+def _fingerprint_change(old: dict | None, new: dict) -> str:
+    if not old:
+        return "it records no source fingerprint (prepared by an older llmcore)"
+    if old.get("tokenizer_hash") != new["tokenizer_hash"]:
+        return "the tokenizer changed"
+    if [f["sha256"] for f in old.get("files", [])] != [f["sha256"] for f in new["files"]]:
+        for o, n in zip(old.get("files", []), new["files"]):
+            if o.get("sha256") != n["sha256"]:
+                return f"input {n['name']} changed (size {o.get('size')} -> {n['size']} bytes, new content hash)"
+        return "the list of input files changed"
+    return "the prep settings changed"
+
+
+def prepare_cached(kind: str, jsonl_paths, tokenizer, out_dir, num_workers: int = 2, strict: bool = True,
+                   progress: bool = True) -> dict:
+    """`prepare_<kind>` into out_dir unless out_dir already holds a shard made from the same input
+    bytes, tokenizer and settings (`source_fingerprint`); re-prepares, saying why, otherwise.
+    Returns the shard's meta (plus "reused": bool)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = Tokenizer.load(tokenizer)
+    paths = [Path(p) for p in ([jsonl_paths] if isinstance(jsonl_paths, (str, os.PathLike)) else jsonl_paths)]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"no such jsonl file: {p}")
+    fp = source_fingerprint(kind, paths, tokenizer, strict)
+    out = Path(out_dir)
+    if (out / "meta.json").exists():
+        old = read_meta(out)
+        if old.get("fingerprint") == fp:
+            return {**old, "reused": True}
+        print(f"[llmcore.data.prep] re-preparing {out}: {_fingerprint_change(old.get('fingerprint'), fp)}",
+              file=sys.stderr)
+    fn = {"pretrain": prepare_pretrain, "sft": prepare_sft, "dpo": prepare_dpo}[kind]
+    meta = fn(paths, tokenizer, out, num_workers, strict, progress)
+    stored = read_meta(out)
+    stored["fingerprint"] = fp
+    _write_meta(out, stored)
+    return {**meta, "fingerprint": fp, "reused": False}
 
 
 def read_meta(shard_dir) -> dict:

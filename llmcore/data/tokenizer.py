@@ -105,24 +105,28 @@ def _fix_special_flags(tok: _HFTokenizer) -> _HFTokenizer:
 
 def _iter_texts(jsonl_paths: Iterable[str | os.PathLike]) -> Iterable[str]:
     """Every text field of minimind jsonl files: pretrain "text", SFT "conversations" contents,
-    DPO "chosen"/"rejected" contents. Lines that do not parse are ignored here (prep reports them)."""
-    for path in jsonl_paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(rec, dict):
-                    continue
-                if isinstance(rec.get("text"), str):
-                    yield rec["text"]
-                for key in ("conversations", "chosen", "rejected"):
-                    msgs = rec.get(key)
-                    if isinstance(msgs, list):
-                        for m in msgs:
-                            if isinstance(m, dict) and isinstance(m.get("content"), str):
-                                yield m["content"]
+    DPO "chosen"/"rejected" contents, read by the one jsonl reader's line walk (BOM dropped; an
+    empty file is an error). Lines that do not decode or parse are passed over here: prep, which
+    runs next on the same files, reports them as file:line (or skips them with --skip-bad)."""
+    from llmcore.data.jsonl import iter_lines
+
+    for _, _, line, _, err in iter_lines(list(jsonl_paths)):
+        if err is not None:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if isinstance(rec.get("text"), str):
+            yield rec["text"]
+        for key in ("conversations", "chosen", "rejected"):
+            msgs = rec.get(key)
+            if isinstance(msgs, list):
+                for m in msgs:
+                    if isinstance(m, dict) and isinstance(m.get("content"), str):
+                        yield m["content"]
 
 
 def train_tokenizer(
@@ -154,7 +158,7 @@ def train_tokenizer(
     tok.train_from_iterator(_iter_texts(jsonl_paths), trainer=trainer)
     out = Tokenizer(_fix_special_flags(tok))
     if out_dir is not None:
-        out.save(out_dir)
+        out.source_dir = out.save(out_dir).resolve()
     return out
 
 
@@ -179,8 +183,9 @@ class Tokenizer:
     special_tokens = tuple(SPECIAL_TOKENS)
     chat_template = CHAT_TEMPLATE
 
-    def __init__(self, hf_tokenizer: _HFTokenizer):
+    def __init__(self, hf_tokenizer: _HFTokenizer, source_dir: Path | None = None):
         self._tok = hf_tokenizer
+        self.source_dir = source_dir  # the directory it was loaded from (recorded in checkpoint meta)
         for i, t in enumerate(SPECIAL_TOKENS):
             if hf_tokenizer.token_to_id(t) != i:
                 raise ValueError(f"tokenizer does not have the fixed layout: {t!r} is not id {i}")
@@ -198,7 +203,7 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"no tokenizer at {path}")
-        return cls(_HFTokenizer.from_file(str(path)))
+        return cls(_HFTokenizer.from_file(str(path)), source_dir=path.parent.resolve())
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json (with the ChatML chat_template) and

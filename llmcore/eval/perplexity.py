@@ -26,34 +26,40 @@ def hf_logits(hf_model) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda ids: hf_model(ids).logits
 
 
-def read_texts(path: str | Path, field: str | None = None) -> list[str]:
+def read_texts(path: str | Path, field: str | None = None, skip_bad: bool = False) -> list[str]:
     """Documents of a .jsonl file (field `text` by default, else the concatenated `content` of
-    `conversations`, else `question` + newline + `answer`) or of a plain text file (one document per non-empty paragraph / line)."""
+    `conversations`, else `question` + newline + `answer`) or of a plain text file (one document per
+    non-empty line). jsonl goes through the one reader (llmcore.data.jsonl: `path:line` errors,
+    skip_bad)."""
+    from llmcore.data.jsonl import json_error, read_jsonl
+
     path = Path(path)
-    out = []
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-                if field is not None:
-                    out.append(str(rec[field]))
-                elif "text" in rec:
-                    out.append(str(rec["text"]))
-                elif "conversations" in rec:
-                    out.append("\n".join(str(m.get("content", "")) for m in rec["conversations"]))
-                elif "question" in rec and "answer" in rec:  # the bundled corpus' eval records
-                    out.append(f"{rec['question']}\n{rec['answer']}")
-                else:
-                    raise ValueError(f"{path}:{n}: no 'text', 'conversations' or 'question'/'answer' field (use --field)")
-    else:
-        out = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    return out
+    if path.suffix != ".jsonl":
+        return [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+
+    def text_of(line):
+        rec = json.loads(line)
+        if not isinstance(rec, dict):
+            raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+        if field is not None:
+            if field not in rec:
+                raise ValueError(f"missing key '{field}'")
+            return str(rec[field])
+        if isinstance(rec.get("text"), str):
+            return rec["text"]
+        if isinstance(rec.get("conversations"), list):
+            return "\n".join(str(m.get("content", "")) for m in rec["conversations"] if isinstance(m, dict))
+        if "question" in rec and "answer" in rec:  # the bundled corpus' eval records
+            return f"{rec['question']}\n{rec['answer']}"
+        raise ValueError("no 'text', 'conversations' or 'question'/'answer' field (use --field)")
+
+    def parse(line):
+        try:
+            return text_of(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(json_error(e)) from None
+
+    return read_jsonl(path, parse, skip_bad=skip_bad)
 
 
 @torch.no_grad()

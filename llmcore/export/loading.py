@@ -37,13 +37,10 @@ def load_model_and_tokenizer(path, tokenizer=None, backend: str | None = None, d
         model, tok = import_hf(path, backend=backend)
         model = model.to(device)
     else:
-        from llmcore.train.checkpoint import latest_checkpoint, load_model
+        from llmcore.train.checkpoint import load_model, resolve_checkpoint
 
-        ckpt = path if (path / "meta.json").exists() else latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: neither an llmcore checkpoint (meta.json), a training output "
-                                    f"directory with checkpoints, nor a transformers directory (config.json)")
-        model = load_model(ckpt, device=device, backend=backend)
+        ckpt = resolve_checkpoint(path)  # FileNotFoundError saying what was looked for
+        model = load_model(ckpt, device=device, backend=backend)  # LoRA / QLoRA checkpoints: merged
         tok = find_tokenizer(Path(ckpt))
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)

@@ -12,20 +12,30 @@ formats read as they are, tokenized on the fly (these sets are small), padded pe
         pair_collate stacks [chosen; rejected] into one (2B, S) batch so a single forward scores both.
 
 Truncation keeps the first max_len tokens (prompt first; the tail of a long answer is cut).
+Files are read by the one jsonl reader (llmcore.data.jsonl: `path:line` errors, skip_bad), and
+record lists given directly are checked by the same rules.
 """
-import json
-from pathlib import Path
-
 import torch
+
+from llmcore.data import jsonl
 
 IGNORE = -100
 
 
-def read_jsonl(path_or_records):
-    if isinstance(path_or_records, (list, tuple)):
-        return list(path_or_records)
-    with open(path_or_records, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path_or_records, kind: str = "json", skip_bad: bool = False):
+    """Records of `kind` (llmcore.data.jsonl: "json" = raw objects, "sft", "dpo", "eval") from a jsonl
+    path, or from a list of already-decoded records (checked the same way; a bad one raises
+    ValueError naming its index unless skip_bad)."""
+    if not isinstance(path_or_records, (list, tuple)):
+        return jsonl.read_jsonl(path_or_records, kind, skip_bad=skip_bad)
+    out = []
+    for i, r in enumerate(path_or_records):
+        try:
+            out.append(jsonl.check_record(kind, r))
+        except ValueError as e:
+            if not skip_bad:
+                raise jsonl.BadLine(f"record {i}: {e}") from None
+    return out
 
 
 def encode_conversation(tok, messages, max_len: int = 512, only_last: bool = False):
@@ -42,13 +52,20 @@ def encode_conversation(tok, messages, max_len: int = 512, only_last: bool = Fal
 
 
 
+def _check_not_empty(items, src, max_len):
+    if not items:
+        name = src if not isinstance(src, (list, tuple)) else f"the {len(src)} given records"
+        raise jsonl.NoData(f"{name}: no conversation keeps an assistant token within max_len={max_len} tokens")
+
+
 class ChatDataset:
-    def __init__(self, src, tok, max_len: int = 512):
+    def __init__(self, src, tok, max_len: int = 512, skip_bad: bool = False):
         self.items = []
-        for r in read_jsonl(src):
-            ids, lab = encode_conversation(tok, r["conversations"], max_len)
+        for msgs in read_jsonl(src, "sft", skip_bad):
+            ids, lab = encode_conversation(tok, msgs, max_len)
             if any(l != IGNORE for l in lab):
                 self.items.append((torch.tensor(ids), torch.tensor(lab)))
+        _check_not_empty(self.items, src, max_len)
 
     def __len__(self):
         return len(self.items)
@@ -59,13 +76,14 @@ class ChatDataset:
 
 
 class PairDataset:
-    def __init__(self, src, tok, max_len: int = 512):
+    def __init__(self, src, tok, max_len: int = 512, skip_bad: bool = False):
         self.items = []
-        for r in read_jsonl(src):
-            c_ids, c_lab = encode_conversation(tok, r["chosen"], max_len, only_last=True)
-            r_ids, r_lab = encode_conversation(tok, r["rejected"], max_len, only_last=True)
+        for chosen, rejected in read_jsonl(src, "dpo", skip_bad):
+            c_ids, c_lab = encode_conversation(tok, chosen, max_len, only_last=True)
+            r_ids, r_lab = encode_conversation(tok, rejected, max_len, only_last=True)
             if any(l != IGNORE for l in c_lab) and any(l != IGNORE for l in r_lab):
                 self.items.append(tuple(torch.tensor(x) for x in (c_ids, c_lab, r_ids, r_lab)))
+        _check_not_empty(self.items, src, max_len)
 
     def __len__(self):
         return len(self.items)

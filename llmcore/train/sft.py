@@ -5,8 +5,6 @@ Conversations are packed into rows of seq_len (SFTDataset(pack=True)); positions
 conversation, so they never attend to each other. Also: `answer` / `heldout_accuracy`, greedy
 answers to held-out questions (eval.jsonl) scored with llmcore.data.corpus.score_answer.
 """
-import json
-
 import torch
 
 from llmcore.data.datasets import SFTDataset, collate
@@ -41,9 +39,12 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 24, **sampling
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def read_eval(path, limit: int = 0):
-    rows = [json.loads(l) for l in open(path, encoding="utf-8") if l.strip()]
-    return rows[:limit] if limit else rows
+def read_eval(path, limit: int = 0, skip_bad: bool = False):
+    """Held-out questions: {"question", "answer", ...} or minimind conversation records
+    (llmcore.data.jsonl kind "eval"); the first `limit` when limit > 0."""
+    from llmcore.data.jsonl import read_jsonl
+
+    return read_jsonl(path, "eval", skip_bad=skip_bad, limit=limit)
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ def add_common_args(p: argparse.ArgumentParser, init_help="SFT checkpoint (dir o
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one recorded in the --init "
                    "checkpoint's meta, else <workdir>/tokenizer)")
     p.add_argument("--data", default=None, help="training jsonl in minimind's format (default: the bundled set)")
-    p.add_argument("--eval-data", default=None, help="held-out jsonl (default: the bundled held-out set)")
+    p.add_argument("--eval-data", default=None, help="held-out jsonl (default: the bundled held-out set; with --data: "
+                   "the last records of --data, held out of training)")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
@@ -33,6 +34,9 @@ def add_common_args(p: argparse.ArgumentParser, init_help="SFT checkpoint (dir o
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop (non-zero exit) after this many consecutive steps with a NaN/inf loss or gradient norm")
     return p
 
 
@@ -49,25 +53,42 @@ def _ckpt_tokenizer(init):
 
 
 def default_data(args, train_key: str, eval_key: str, init=None):
-    """(tokenizer, train jsonl, eval jsonl) — the given files, else the bundled corpus. The tokenizer
-    defaults to the one the --init checkpoint was trained with, and the bundled corpus to the data
-    dir next to it (prepare_default_data caches it there), so stages chain after the quick start."""
+    """(tokenizer, train jsonl, eval jsonl or None) — the given files, else the bundled corpus. The
+    tokenizer defaults to the one the --init checkpoint was trained with, and the bundled corpus to
+    the data dir next to it (prepare_default_data caches it there), so stages chain after the quick
+    start. With --data the bundled corpus is never generated: the eval file is --eval-data, or None
+    (the stage then holds out part of --data, see `holdout`), and the tokenizer must be known."""
     from llmcore.data.tokenizer import Tokenizer
 
     tok_dir = args.tokenizer or _ckpt_tokenizer(init if init is not None else getattr(args, "init", None))
+    if args.data is not None:
+        if tok_dir is None:
+            raise FileNotFoundError("--data needs a tokenizer: pass --tokenizer (the --init checkpoint records none)")
+        return Tokenizer.load(tok_dir), args.data, args.eval_data
     workdir = args.workdir
     if workdir is None:
         near = Path(tok_dir).parent if tok_dir else None
         workdir = near if near is not None and (near / "default_data.json").exists() else "out/data"
-    d = None
-    if args.data is None or (eval_key and args.eval_data is None) or tok_dir is None:
-        from llmcore.data.prep import prepare_default_data
+    from llmcore.data.prep import prepare_default_data
 
-        d = prepare_default_data(workdir, progress=False)
+    print(f"no --data: the bundled corpus in {workdir} (made there on first use)")
+    d = prepare_default_data(workdir, progress=False)
     tok = Tokenizer.load(tok_dir) if tok_dir else d["tokenizer"]
-    train = args.data or d["corpus"][train_key]
     ev = args.eval_data or (d["corpus"][eval_key] if eval_key else None)
-    return tok, train, ev
+    return tok, d["corpus"][train_key], ev
+
+
+def holdout(path, n: int, what: str, skip_bad: bool = False):
+    """(train records, held-out records): the last n records of a jsonl file are held out for
+    evaluation (at most a tenth of it), as raw objects for ChatDataset / PairDataset / read_jsonl."""
+    from llmcore.train.chatdata import read_jsonl
+
+    recs = read_jsonl(path, "json", skip_bad)
+    n = max(1, min(n, len(recs) // 10))
+    if len(recs) < 2:
+        raise ValueError(f"{path}: {len(recs)} record(s): too few to hold any out for {what}; pass --eval-data")
+    print(f"no --eval-data: {what} on the last {n} of the {len(recs)} records of {path}, held out of training")
+    return recs[:-n], recs[-n:]
 
 
 def load_init(path, device="cpu"):
@@ -76,13 +97,40 @@ def load_init(path, device="cpu"):
     return load_model(path, device=device)
 
 
-def train_config(args, default_lr: float, **kw):
+def stage_meta(tok, stage: str) -> dict:
+    """What every checkpoint a stage writes records beside its weights, so chat / eval / export /
+    serve find the tokenizer: {"tokenizer": its directory, "stage": name}."""
+    return {"stage": stage, **({"tokenizer": str(tok.source_dir)} if getattr(tok, "source_dir", None) else {})}
+
+
+def train_config(args, default_lr: float, tok=None, stage: str = "", **kw):
+    """The TrainConfig of a stage CLI; `tok` and `stage` go into every checkpoint's meta."""
     from llmcore.train.loop import TrainConfig
 
+    if tok is not None:
+        kw["extra_meta"] = {**stage_meta(tok, stage), **kw.get("extra_meta", {})}
     return TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr if args.lr is not None else default_lr, warmup_steps=min(20, args.steps // 10),
                        dtype=args.dtype, device=args.device, seed=args.seed, log_every=args.log_every,
-                       progress=not args.no_progress, **kw)
+                       progress=not args.no_progress, max_bad_steps=args.max_bad_steps, **kw)
+
+
+def user_errors() -> tuple:
+    """The exceptions a CLI reports as one `error: ...` line (exit status 1) instead of a traceback:
+    bad data (file:line), missing or unsafe files, a diverged run, a refused resume."""
+    from llmcore.data.jsonl import BadLine, NoData
+    from llmcore.train.checkpoint import CheckpointError, NonFiniteWeights
+    from llmcore.train.loop import ScheduleMismatch, TrainingDiverged
+
+    return (BadLine, NoData, CheckpointError, NonFiniteWeights, ScheduleMismatch, TrainingDiverged, FileNotFoundError)
+
+
+def run_cli(main):
+    """Run a script's main(); the errors of `user_errors()` exit with status 1 and their message."""
+    try:
+        return main()
+    except user_errors() as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def peak_rss_mb() -> float:
