@@ -15,6 +15,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECK_PROMPTS, CHECK_LEN = 8, 64
+
+
+@torch.no_grad()
+def logit_check(model, hf) -> tuple[float, float]:
+    """(max |our logits - transformers' logits|, max |logit|) over CHECK_PROMPTS random token
+    sequences of CHECK_LEN tokens (ids 3..vocab, seeds 0..CHECK_PROMPTS-1), both models in fp32."""
+    model = model.float().eval()
+    diff = scale = 0.0
+    for seed in range(CHECK_PROMPTS):
+        ids = torch.randint(3, model.cfg.vocab_size, (1, min(CHECK_LEN, model.cfg.max_seq_len)),
+                            generator=torch.Generator().manual_seed(seed))
+        ours = model(ids)
+        diff = max(diff, (hf(ids).logits - ours).abs().max().item())
+        scale = max(scale, ours.abs().max().item())
+    return diff, scale
 
 
 def main(argv=None):
@@ -49,12 +65,13 @@ def main(argv=None):
         import transformers
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-        ids = torch.randint(3, model.cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            diff = (hf(ids).logits - model(ids)).abs().max().item()
-        print(f"max |logit difference| vs transformers: {diff:.3g}")
+        diff, scale = logit_check(model, hf)
+        print(f"--check: max |logit difference| vs transformers {diff:.3g} (largest |logit| {scale:.3g}) over "
+              f"{CHECK_PROMPTS} random prompts x {CHECK_LEN} tokens (seeds 0-{CHECK_PROMPTS - 1}), fp32 forward")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    from llmcore.train.stage_cli import run_cli
+
+    run_cli(main)

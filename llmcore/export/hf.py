@@ -221,39 +221,106 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype = t
     return out
 
 
+# Import is exact or refused. For each architecture, every config field is one of:
+#   represented  mapped onto a ModelConfig field (the shape, eps, rope theta, MoE sizes);
+#   required     must hold the one value llmcore computes (a function value -> ok), else refused;
+#   inert        changes no forward or backward math (ids, output flags, init, cache, dtype).
+# A field in none of these (a newer transformers, another family's extension) is accepted only at the
+# value a default-constructed config of that class has; any other value is refused, naming it.
+_INERT = {"_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+          "id2label", "label2id", "initializer_range", "is_encoder_decoder", "model_type", "output_attentions",
+          "output_hidden_states", "output_router_logits", "problem_type", "return_dict", "transformers_version",
+          "use_cache", "chunk_size_feed_forward", "max_position_embeddings", "tie_word_embeddings", "head_dim",
+          "rope_parameters", "rope_scaling", "rope_theta", "vocab_size", "hidden_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads", "intermediate_size", "rms_norm_eps", "router_aux_loss_coef",
+          "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+          "shared_expert_intermediate_size", "tokenizer_class", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+          "torchscript", "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id",
+          "finetuning_task", "prefix", "sep_token_id", "task_specific_params", "tie_encoder_decoder", "is_decoder"}
+_OFF = (lambda v: not v, "False / 0")
+_REQUIRED = {
+    "LlamaForCausalLM": {"hidden_act": (lambda v: v == "silu", "'silu'"), "attention_bias": _OFF, "mlp_bias": _OFF,
+                         "pretraining_tp": (lambda v: v in (None, 1), "1"), "attention_dropout": _OFF},
+    "MixtralForCausalLM": {"hidden_act": (lambda v: v == "silu", "'silu'"), "attention_dropout": _OFF,
+                           "router_jitter_noise": _OFF, "sliding_window": (lambda v: v is None, "None")},
+    "Qwen2MoeForCausalLM": {"hidden_act": (lambda v: v == "silu", "'silu'"), "attention_dropout": _OFF,
+                            "qkv_bias": _OFF, "norm_topk_prob": (bool, "True"),
+                            "decoder_sparse_step": (lambda v: v == 1, "1"), "mlp_only_layers": (lambda v: not v, "[]"),
+                            "use_sliding_window": _OFF, "sliding_window": (lambda v: True, "any (unused)"),
+                            "max_window_layers": (lambda v: True, "any (unused)"),
+                            "layer_types": (lambda v: v is None or all(t == "full_attention" for t in v),
+                                            "all 'full_attention'")},
+}
+
+
+def _rope_of(hcfg) -> tuple[float, dict]:
+    """(theta, scaling) from transformers 5's rope_parameters or 4's rope_theta / rope_scaling."""
+    rp = dict(getattr(hcfg, "rope_parameters", None) or {})
+    scaling = getattr(hcfg, "rope_scaling", None) if not rp else None
+    theta = rp.pop("rope_theta", getattr(hcfg, "rope_theta", 10000.0))
+    if scaling:
+        rp = dict(scaling)
+    return float(theta), rp
+
+
+def _refuse(arch, field, value, want):
+    raise ValueError(f"cannot import this {arch} exactly: config field {field}={value!r} (llmcore computes {want}); "
+                     f"refusing rather than importing a model with different math")
+
+
+def check_hf_config(hcfg, arch: str):
+    """Raise ValueError naming the first config field whose value llmcore does not compute exactly
+    (see _REQUIRED / _INERT above); returns the rope theta."""
+    import transformers
+
+    if arch not in _REQUIRED:
+        raise ValueError(f"cannot import architecture {arch!r} (Llama, Mixtral, Qwen2-MoE only)")
+    d = hcfg.to_dict()
+    default = getattr(transformers, arch.replace("ForCausalLM", "Config"))().to_dict()
+    for k, v in d.items():
+        if k in _REQUIRED[arch]:
+            ok, want = _REQUIRED[arch][k]
+            if not ok(v):
+                _refuse(arch, k, v, want)
+        elif k not in _INERT and k in default and v != default[k]:
+            _refuse(arch, k, v, f"only the default {default[k]!r} of this field, whose effect it does not model")
+        elif k not in _INERT and k not in default and v not in (None, False, 0, [], {}):
+            _refuse(arch, k, v, "no such field")
+    theta, scaling = _rope_of(hcfg)
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None) or \
+            any(k not in ("rope_type", "type") for k in scaling):
+        _refuse(arch, "rope_parameters", scaling, "plain RoPE (rope_type 'default', no scaling)")
+    head_dim = getattr(hcfg, "head_dim", None) or hcfg.hidden_size // hcfg.num_attention_heads
+    if head_dim * hcfg.num_attention_heads != hcfg.hidden_size:
+        _refuse(arch, "head_dim", head_dim, f"hidden_size / num_attention_heads = "
+                f"{hcfg.hidden_size // hcfg.num_attention_heads}")
+    if not getattr(hcfg, "tie_word_embeddings", False):
+        _refuse(arch, "tie_word_embeddings", False, "True (lm_head = embed_tokens)")
+    return theta
+
+
 def config_from_hf(hcfg) -> Any:
-    """An llmcore ModelConfig equivalent to a Llama / Mixtral / Qwen2-MoE transformers config."""
+    """An llmcore ModelConfig equivalent to a Llama / Mixtral / Qwen2-MoE transformers config;
+    ValueError naming the field when the config asks for math llmcore does not compute."""
     from llmcore.model.config import ModelConfig
 
     arch = (getattr(hcfg, "architectures", None) or [type(hcfg).__name__.replace("Config", "ForCausalLM")])[0]
-    rp = getattr(hcfg, "rope_parameters", None) or {}
-    theta = rp.get("rope_theta", getattr(hcfg, "rope_theta", 1e6))
-    if rp.get("rope_type", "default") not in ("default", None):
-        raise ValueError(f"rope scaling {rp.get('rope_type')!r} is not supported")
-    head_dim = getattr(hcfg, "head_dim", None) or hcfg.hidden_size // hcfg.num_attention_heads
-    if head_dim * hcfg.num_attention_heads != hcfg.hidden_size:
-        raise ValueError("head_dim * num_attention_heads must equal hidden_size in llmcore")
-    if not getattr(hcfg, "tie_word_embeddings", False):
-        raise ValueError("llmcore models tie embeddings: the HF model must have tie_word_embeddings=True")
+    theta = check_hf_config(hcfg, arch)
     kw = dict(vocab_size=hcfg.vocab_size, dim=hcfg.hidden_size, n_layers=hcfg.num_hidden_layers,
               n_heads=hcfg.num_attention_heads, n_kv_heads=hcfg.num_key_value_heads,
-              max_seq_len=min(int(hcfg.max_position_embeddings), 32768), rope_theta=float(theta),
+              max_seq_len=min(int(hcfg.max_position_embeddings), 32768), rope_theta=theta,
               norm_eps=float(hcfg.rms_norm_eps))
     if arch == "LlamaForCausalLM":
-        if getattr(hcfg, "attention_bias", False) or getattr(hcfg, "mlp_bias", False):
-            raise ValueError("Llama models with biases cannot be imported")
         kw["ffn_hidden"] = hcfg.intermediate_size
     elif arch == "MixtralForCausalLM":
-        kw.update(ffn_hidden=hcfg.intermediate_size, n_experts=hcfg.num_local_experts, top_k=hcfg.num_experts_per_tok)
-    elif arch == "Qwen2MoeForCausalLM":
-        F, S = hcfg.moe_intermediate_size, hcfg.shared_expert_intermediate_size
-        if S % F or getattr(hcfg, "qkv_bias", True) or not hcfg.norm_topk_prob or hcfg.decoder_sparse_step != 1 \
-                or getattr(hcfg, "mlp_only_layers", []):
-            raise ValueError("only Qwen2-MoE models of llmcore's shape import: qkv_bias=False, norm_topk_prob=True, "
-                             "every layer sparse, shared_expert_intermediate_size a multiple of moe_intermediate_size")
-        kw.update(ffn_hidden=F, n_experts=hcfg.num_experts, top_k=hcfg.num_experts_per_tok, n_shared_experts=S // F)
+        kw.update(ffn_hidden=hcfg.intermediate_size, n_experts=hcfg.num_local_experts, top_k=hcfg.num_experts_per_tok,
+                  aux_loss_coef=float(hcfg.router_aux_loss_coef))
     else:
-        raise ValueError(f"cannot import architecture {arch!r} (Llama, Mixtral, Qwen2-MoE only)")
+        F, S = hcfg.moe_intermediate_size, hcfg.shared_expert_intermediate_size
+        if not S or S % F:
+            _refuse(arch, "shared_expert_intermediate_size", S, f"a positive multiple of moe_intermediate_size ({F})")
+        kw.update(ffn_hidden=F, n_experts=hcfg.num_experts, top_k=hcfg.num_experts_per_tok, n_shared_experts=S // F,
+                  aux_loss_coef=float(hcfg.router_aux_loss_coef))
     return ModelConfig(**kw)
 
 
@@ -265,8 +332,14 @@ def import_hf(path: str | Path, backend: str | None = None):
     from llmcore.model.model import Transformer
 
     path = Path(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    cfg = config_from_hf(hf.config)
+    hcfg = transformers.AutoConfig.from_pretrained(str(path))
+    cfg = config_from_hf(hcfg)  # refuses before any weight is read
+    if not list(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        raise ValueError(f"{path}: no *.safetensors weights{f' (found {found})' if found else ''}: llmcore loads "
+                         f"only safetensors, which cannot run code; convert pickled weights yourself if you trust "
+                         f"them (e.g. transformers' save_pretrained(safe_serialization=True))")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     if backend:
         cfg.backend = backend
     hsd = {k: v.detach().float() for k, v in hf.state_dict().items()}
@@ -297,12 +370,27 @@ def import_hf(path: str | Path, backend: str | None = None):
         if k not in sd and k not in dict(model.named_parameters()):
             sd[k] = v
     model.load_state_dict(sd, strict=True)
-    tok = None
-    if (path / "tokenizer.json").exists():
-        from llmcore.data.tokenizer import Tokenizer
+    return model.eval(), _tokenizer_of(path)
 
+
+def _tokenizer_of(path: Path):
+    """The llmcore Tokenizer of a transformers dir, or None with a warning saying why it was not
+    loaded (a tokenizer that is not one of ours, with its own special tokens and chat template,
+    would silently change every prompt: llmcore tools then need --tokenizer)."""
+    import warnings
+
+    from llmcore.data.tokenizer import Tokenizer
+
+    files = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") if (path / n).exists()]
+    if not files:
+        return None
+    if (path / "tokenizer.json").exists():
         try:
-            tok = Tokenizer.load(path)
-        except ValueError:  # not our fixed special-token layout
-            tok = None
-    return model.eval(), tok
+            return Tokenizer.load(path)
+        except ValueError as e:
+            why = str(e)
+    else:
+        why = f"only {files} (no tokenizer.json)"
+    warnings.warn(f"{path}: its tokenizer is not an llmcore tokenizer ({why}); it was NOT loaded — the weights "
+                  f"were. Pass --tokenizer DIR (an llmcore tokenizer) to chat, serve or evaluate it.", stacklevel=3)
+    return None

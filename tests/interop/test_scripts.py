@@ -28,7 +28,7 @@ def test_export_and_import_cli(tok_dir, tok, tmp_path, capsys):
     cli = _script("export_hf")
     cli.main([str(tmp_path / "run"), str(tmp_path / "hf"), "--check"])
     out = capsys.readouterr().out
-    diff = float(out.split("vs transformers:")[1].split()[0])
+    diff = float(out.split("vs transformers ")[1].split()[0])
     assert diff < 2e-5 and (tmp_path / "hf" / "tokenizer.json").exists()
     ck = cli.main(["--import", str(tmp_path / "hf"), str(tmp_path / "back")])
     back, btok = load_model_and_tokenizer(ck)
