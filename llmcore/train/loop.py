@@ -368,18 +368,21 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         opt.zero_grad(set_to_none=True)
         step += 1
         if bad and is_main:
-            msg = f"step {step}: non-finite loss {loss_val} / grad norm {gnorm_val}: optimizer step skipped " \
-                  f"({bad_run} in a row, {skipped} in all)"
+            what = "loss" if not math.isfinite(loss_val) else "gradient norm"
+            msg = f"step {step}: non-finite {what} (loss {loss_val:.4g}, grad norm {gnorm_val:.4g}): optimizer step " \
+                  f"skipped ({bad_run} in a row, {skipped} in all)"
             (bar.write if bar is not None else print)(msg)
         if bad_run >= max(1, cfg.max_bad_steps):
             loggers.log(step, {"loss": loss_val, "grad_norm": gnorm_val, "skipped_steps": skipped})
             loggers.close()
             if bar is not None:
                 bar.close()
+            last = ckpt_mod.latest_checkpoint(out)
+            kept = f"the last good checkpoint, {last}, is kept" if last is not None else "no checkpoint was written"
             raise TrainingDiverged(
                 f"training diverged: {bad_run} consecutive steps with a non-finite loss or gradient norm, the last "
-                f"at step {step} (lr {lr:.3g}); no checkpoint was written for them, the last good one in {out} is "
-                f"kept. Lower --lr, check the data, or raise --max-bad-steps.")
+                f"at step {step} (lr {lr:.3g}); those steps were not applied and {kept}. Lower --lr, check the "
+                f"data, or raise --max-bad-steps.")
         if after_step is not None and not bad:
             after_step(step, raw)
         history["losses"].append((step, loss_val))
