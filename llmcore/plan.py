@@ -92,6 +92,10 @@ class Arch:
     expert_ffn: int = 0
     shared_ffn: int = 0
     max_seq_len: int = 512
+    qk_norm: bool = False       # q/k RMSNorm weights (2 * head_dim per layer)
+    qkv_bias: bool = False      # (Hq + 2 Hkv) * head_dim per layer
+    o_bias: bool = False        # dim per layer
+    shared_gate: bool = False   # dim per layer (Qwen2-MoE's shared_expert_gate)
 
     @property
     def moe(self) -> bool:
@@ -141,6 +145,10 @@ def arch_from_config(cfg: Any) -> Arch:
         expert_ffn=efn if n_exp else 0,
         shared_ffn=sfn if n_exp else 0,
         max_seq_len=int(_get(cfg, ("max_seq_len", "max_position_embeddings", "seq_len"), 512)),
+        qk_norm=bool(_get(cfg, ("qk_norm",), False)),
+        qkv_bias=bool(_get(cfg, ("attn_bias",), False)),
+        o_bias=bool(_get(cfg, ("attn_out_bias",), False)),
+        shared_gate=bool(_get(cfg, ("shared_expert_gate",), False)) and n_sh > 0 and n_exp > 0,
     )
 
 
@@ -148,19 +156,20 @@ def param_counts(a: Arch) -> dict[str, int]:
     """total / active / embedding / per-part parameter counts."""
     d, hd = a.dim, a.head_dim
     attn = d * a.n_heads * hd * 2 + d * a.n_kv_heads * hd * 2
-    norms = 2 * d
+    attn_bias = (a.n_heads + 2 * a.n_kv_heads) * hd * a.qkv_bias + d * a.o_bias
+    norms = 2 * d + 2 * hd * a.qk_norm
     if a.moe:
         router = d * a.n_experts
         routed = a.n_experts * 3 * d * a.expert_ffn
-        shared = a.n_shared * 3 * d * a.shared_ffn
+        shared = a.n_shared * 3 * d * a.shared_ffn + d * a.shared_gate
         ffn_total = router + routed + shared
         ffn_active = router + a.top_k * 3 * d * a.expert_ffn + shared
     else:
         ffn_total = ffn_active = 3 * d * a.ffn
     embed = a.vocab * d
     head = 0 if a.tied else a.vocab * d
-    total = embed + head + d + a.n_layers * (attn + norms + ffn_total)
-    active = embed + head + d + a.n_layers * (attn + norms + ffn_active)
+    total = embed + head + d + a.n_layers * (attn + attn_bias + norms + ffn_total)
+    active = embed + head + d + a.n_layers * (attn + attn_bias + norms + ffn_active)
     # parameters taking part in matmuls per token (norms and the embedding gather excluded;
     # the lm_head matmul uses V·d weights whether tied or not)
     matmul_active = a.vocab * d + a.n_layers * (attn + ffn_active)

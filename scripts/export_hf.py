@@ -48,9 +48,10 @@ def main(argv=None):
         from llmcore.train.checkpoint import save_checkpoint
 
         model, tok = import_hf(args.src)
-        ck = save_checkpoint(args.out, 0, model, meta={"imported_from": str(args.src)}, keep_last=0)
-        if tok is not None:
-            tok.save(Path(args.out) / "tokenizer")
+        meta = {"imported_from": str(Path(args.src).resolve())}
+        if tok is not None:  # beside the checkpoint, and recorded so every stage uses it
+            meta["tokenizer"] = str(tok.save(Path(args.out) / "tokenizer").resolve())
+        ck = save_checkpoint(args.out, 0, model, meta=meta, keep_last=0)
         print(f"imported {args.src} -> {ck} ({model.num_params():,} parameters)")
         return ck
     from llmcore.export.hf import export_hf, hf_architecture

@@ -54,7 +54,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from llmcore.data.jsonl import BadLine, NoData, iter_lines, parse_record, report_skipped  # noqa: F401 (BadLine: re-export)
-from llmcore.data.tokenizer import IM_END, Tokenizer, render_chat
+from llmcore.data.tokenizer import Tokenizer, loss_mask_spans, tokenizer_from_spec  # noqa: F401 (re-export)
 
 CHUNK_LINES = 1024  # lines per unit of work
 MIN_BYTES_FOR_POOL = 256 * 1024  # smaller inputs are tokenized in-process
@@ -69,26 +69,12 @@ def token_dtype(vocab_size: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def loss_mask_spans(messages: Sequence[dict], only_last: bool = False) -> list[tuple[int, int]]:
-    """Character spans of `render_chat(messages)` that carry loss: each assistant content plus
-    its `<|im_end|>` (only the last assistant message when only_last)."""
-    spans, pos = [], 0
-    for m in messages:
-        header = f"<|im_start|>{m['role']}\n"
-        start = pos + len(header)
-        end = start + len(m["content"]) + len(IM_END)
-        if m["role"] == "assistant":
-            spans.append((start, end))
-        pos = end + 1  # the "\n" after <|im_end|>
-    return spans[-1:] if only_last else spans
-
-
 def encode_conversation(tok: Tokenizer, messages: Sequence[dict], only_last: bool = False):
     """(ids, mask) of a conversation: ids = tok.apply_chat_template(messages); mask (uint8) = 1
-    on the tokens inside `loss_mask_spans(messages, only_last)`."""
-    text = render_chat(messages)
+    on the tokens inside `tok.loss_mask_spans(messages, only_last)` (the tokenizer's own template)."""
+    text = tok.render_chat(messages)
     ids, offsets = tok.encode_with_offsets(text)
-    return np.asarray(ids, dtype=np.int64), _mask_from_offsets(offsets, loss_mask_spans(messages, only_last))
+    return np.asarray(ids, dtype=np.int64), _mask_from_offsets(offsets, tok.loss_mask_spans(messages, only_last))
 
 
 def _mask_from_offsets(offsets, spans) -> np.ndarray:
@@ -102,9 +88,9 @@ def _mask_from_offsets(offsets, spans) -> np.ndarray:
 _WORKER_TOK: Tokenizer | None = None
 
 
-def _worker_init(tok_json: str) -> None:
+def _worker_init(spec: tuple) -> None:
     global _WORKER_TOK
-    _WORKER_TOK = Tokenizer.from_str(tok_json)
+    _WORKER_TOK = tokenizer_from_spec(spec)
 
 
 def _work(kind: str, chunk: list, tok: Tokenizer | None = None):
@@ -126,18 +112,18 @@ def _work(kind: str, chunk: list, tok: Tokenizer | None = None):
         for ids in tok.encode_batch(good):
             out.append((pretrain_ids(ids, tok.bos_id, tok.eos_id),))
     elif kind == "sft":
-        texts = [render_chat(m) for m in good]
+        texts = [tok.render_chat(m) for m in good]
         encs = tok.hf.encode_batch(texts, add_special_tokens=False)
         for m, e in zip(good, encs):
-            out.append((np.asarray(e.ids, dtype=np.int64), _mask_from_offsets(e.offsets, loss_mask_spans(m))))
+            out.append((np.asarray(e.ids, dtype=np.int64), _mask_from_offsets(e.offsets, tok.loss_mask_spans(m))))
     else:
-        texts = [render_chat(c) for c, r in good] + [render_chat(r) for c, r in good]
+        texts = [tok.render_chat(c) for c, r in good] + [tok.render_chat(r) for c, r in good]
         encs = tok.hf.encode_batch(texts, add_special_tokens=False)
         n = len(good)
         for i, (c, r) in enumerate(good):
             ec, er = encs[i], encs[n + i]
-            out.append((np.asarray(ec.ids, dtype=np.int64), _mask_from_offsets(ec.offsets, loss_mask_spans(c, True)),
-                        np.asarray(er.ids, dtype=np.int64), _mask_from_offsets(er.offsets, loss_mask_spans(r, True))))
+            out.append((np.asarray(ec.ids, dtype=np.int64), _mask_from_offsets(ec.offsets, tok.loss_mask_spans(c, True)),
+                        np.asarray(er.ids, dtype=np.int64), _mask_from_offsets(er.offsets, tok.loss_mask_spans(r, True))))
     # Keep per-line order information for strict error reporting: bad lines are listed in order.
     return out, bad
 
@@ -146,7 +132,7 @@ def pretrain_ids(ids: list, bos_id: int, eos_id: int) -> np.ndarray:
     """One pretraining document: bos + ids + eos, except that a text which already opens with bos
     or closes with eos (minimind's pretrain text carries `<|im_start|>` … `<|im_end|>`, which are
     our bos / eos) does not get a second one."""
-    head = [] if ids[:1] == [bos_id] else [bos_id]
+    head = [] if bos_id is None or ids[:1] == [bos_id] else [bos_id]  # a tokenizer may have no bos (Qwen)
     tail = [] if ids[-1:] == [eos_id] else [eos_id]
     return np.asarray(head + ids + tail, dtype=np.int64)
 
@@ -188,13 +174,13 @@ def _make_pool(num_workers: int, tok: Tokenizer):
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            return mp.get_context("fork").Pool(num_workers, initializer=_worker_init, initargs=(tok.to_str(),))
+            return mp.get_context("fork").Pool(num_workers, initializer=_worker_init, initargs=(tok.worker_spec(),))
         finally:
             if saved is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
-    return mp.get_context("spawn").Pool(num_workers, initializer=_worker_init, initargs=(tok.to_str(),))
+    return mp.get_context("spawn").Pool(num_workers, initializer=_worker_init, initargs=(tok.worker_spec(),))
 
 
 def _run_chunks(kind: str, paths: Sequence[Path], tok: Tokenizer, num_workers: int, progress: bool, desc: str):

@@ -74,6 +74,34 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
     return "".join(parts)
 
 
+def loss_mask_spans(messages: Sequence[dict], only_last: bool = False) -> list[tuple[int, int]]:
+    """Character spans of `render_chat(messages)` that carry loss: each assistant content plus
+    its `<|im_end|>` (only the last assistant message when only_last)."""
+    spans, pos = [], 0
+    for m in messages:
+        header = f"{IM_START}{m['role']}\n"
+        start = pos + len(header)
+        end = start + len(m["content"]) + len(IM_END)
+        if m["role"] == "assistant":
+            spans.append((start, end))
+        pos = end + 1  # the "\n" after <|im_end|>
+    return spans[-1:] if only_last else spans
+
+
+def _has_layout(hf: _HFTokenizer) -> bool:
+    return all(hf.token_to_id(t) == i for i, t in enumerate(SPECIAL_TOKENS))
+
+
+def tokenizer_from_spec(spec: tuple):
+    """The tokenizer a `worker_spec()` describes (prep's worker processes rebuild it from this)."""
+    kind, payload = spec
+    if kind == "llmcore":
+        return Tokenizer.from_str(payload)
+    from llmcore.data.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer(payload)
+
+
 # CJK ideographs and CJK / full-width punctuation, isolated one per pre-token.
 _CJK_CHAR = "[\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
 
@@ -197,13 +225,24 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load from a directory holding tokenizer.json (or from the tokenizer.json file)."""
+        """Load from a directory holding tokenizer.json (or from the tokenizer.json file). A directory
+        whose tokenizer is not of this module's layout (an imported model's own) loads as an
+        llmcore.data.hf_tokenizer.HFTokenizer (same interface; its chat template and special tokens),
+        or raises ValueError saying why it cannot."""
         path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no tokenizer at {path}")
-        return cls(_HFTokenizer.from_file(str(path)), source_dir=path.parent.resolve())
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"no tokenizer at {file}")
+        hf = _HFTokenizer.from_file(str(file))
+        if not _has_layout(hf) and path.is_dir():
+            from llmcore.data.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer(path)
+        return cls(hf, source_dir=file.parent.resolve())
+
+    def worker_spec(self) -> tuple:
+        """What a prep worker process needs to rebuild this tokenizer (see tokenizer_from_spec)."""
+        return ("llmcore", self.to_str())
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json (with the ChatML chat_template) and
@@ -291,6 +330,9 @@ class Tokenizer:
     # ---- chat ------------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         return render_chat(messages, add_generation_prompt)
+
+    def loss_mask_spans(self, messages: Sequence[dict], only_last: bool = False) -> list[tuple[int, int]]:
+        return loss_mask_spans(messages, only_last)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
         """Ids of the ChatML rendering of `messages` (see the module docstring)."""

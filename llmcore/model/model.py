@@ -1,7 +1,11 @@
 """The model: one flat Llama-style decoder (minimind architecture), dense or MoE.
 
     ids (B, S) -> embed -> n_layers x [ h += attn(attn_norm(h)); h += ffn(mlp_norm(h)) ] -> norm
-               -> logits = y @ embed.weight.T   (tied lm_head)
+               -> logits = y @ lm_head.T   (lm_head = embed.weight when tied, else output.weight)
+
+The config's options (llmcore.model.config) make the same file every family llmcore imports:
+QK-norm (Qwen3 / minimind-3), q/k/v (and o) biases (Qwen2), an untied head, a head_dim of its own,
+transformers' RoPE scaling types, MoE without shared experts / with a gated one.
 
 The residual stream is carried through llmcore.ops.add_rms_norm: each block receives the branch
 output of the previous block plus the residual h, and each norm returns (normed, new h), so the
@@ -9,8 +13,10 @@ residual add is fused into the norm. h stays in the parameter dtype (fp32 under 
 branches (attention, MLP) run in the autocast dtype.
 
 Parameter names (stable, Llama-like; the HF exporter maps them):
-    embed.weight, layers.{i}.attn_norm.weight, layers.{i}.attn.{wq,wk,wv,wo}.weight,
-    layers.{i}.mlp_norm.weight, layers.{i}.mlp.{w_gate,w_up,w_down}.weight, norm.weight
+    embed.weight, layers.{i}.attn_norm.weight, layers.{i}.attn.{wq,wk,wv,wo}.weight (.bias with
+    attn_bias / attn_out_bias), layers.{i}.attn.{q_norm,k_norm}.weight (qk_norm),
+    layers.{i}.mlp_norm.weight, layers.{i}.mlp.{w_gate,w_up,w_down}.weight, norm.weight,
+    output.weight (untied only)
 
 Packed batches: `positions` (B, S) restarting at 0 at each document start. When a restart occurs
 inside a row, attention runs per document (flash_attn_varlen on cu_seqlens from positions), so no
@@ -36,12 +42,15 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend, head_dim=cfg.head_dim,
+                              bias=cfg.attn_bias, out_bias=cfg.attn_out_bias, qk_norm=cfg.qk_norm,
+                              norm_eps=cfg.norm_eps)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
         if cfg.n_experts > 0:
             self.mlp = MoEFeedForward(cfg.dim, cfg.ffn_hidden, cfg.n_experts, cfg.top_k,
                                       num_shared_experts=cfg.n_shared_experts, score=cfg.moe_score,
-                                      aux_loss_coef=cfg.aux_loss_coef, balance=cfg.moe_balance)
+                                      renormalize=cfg.moe_renormalize, aux_loss_coef=cfg.aux_loss_coef,
+                                      balance=cfg.moe_balance, shared_gate=cfg.shared_expert_gate)
         else:
             self.mlp = MLP(cfg.dim, cfg.ffn_hidden, cfg.backend)
 
@@ -63,13 +72,14 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
-        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.backend)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.backend, cfg.rope_scaling)
         self.reset_parameters()
 
     @property
     def lm_head(self) -> torch.Tensor:
-        """The output projection (vocab, dim): tied to embed.weight."""
-        return self.embed.weight
+        """The output projection (vocab, dim): embed.weight when tied, else output.weight."""
+        return self.embed.weight if self.output is None else self.output.weight
 
     def reset_parameters(self):
         """GPT-2 style init: N(0, init_std) everywhere, residual output projections scaled by
@@ -78,6 +88,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w_down.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
@@ -94,19 +106,31 @@ class Transformer(nn.Module):
         if c.n_experts:
             per_expert = 3 * c.dim * c.ffn_hidden
             n -= c.n_layers * (c.n_experts - c.top_k) * per_expert
-        n += c.vocab_size * c.dim
-        return 6 * n + 12 * c.n_layers * seq_len * c.dim
+        if c.tie_embeddings:
+            n += c.vocab_size * c.dim
+        return 6 * n + 12 * c.n_layers * seq_len * c.n_heads * c.head_dim
+
+    def _check_window(self, length: int):
+        w = self.cfg.sliding_window
+        if w and length > w:
+            raise ValueError(f"a forward over {length} positions exceeds sliding_window={w}: llmcore has no "
+                             f"sliding-window attention kernel, so it refuses rather than attend beyond the window "
+                             f"(keep sequences <= {w} tokens)")
 
     def _attn_meta(self, input_ids, positions, cache):
         B, S = input_ids.shape
         if cache is not None:
             pos = cache.seqlens.long()[:, None] + torch.arange(S, device=input_ids.device)[None, :]
-            self.rotary.ensure(cache.max_len)
+            length = int(cache.seqlens.max()) + S
+            self._check_window(length)
+            self.rotary.ensure(length if self.rotary.dynamic else cache.max_len)
             return AttnMeta(positions=pos, cache_seqlens=cache.seqlens)
         if positions is None:
+            self._check_window(S)
             self.rotary.ensure(S)
             return AttnMeta()
         positions = positions.long()
+        self._check_window(int(positions.max()) + 1)
         self.rotary.ensure(int(positions.max()) + 1)
         if not bool((positions[:, 1:] == 0).any()):
             return AttnMeta(positions=positions)

@@ -8,8 +8,10 @@
 
 backend "torch" is plain PyTorch (manual RoPE, F.scaled_dot_product_attention with enable_gqa and
 an explicit boolean mask for the packed/cached paths) — the comparison baseline. Projections are
-bias-free nn.Linear (wq, wk, wv, wo); under autocast q/k/v are 16-bit and attention runs in that
-dtype with fp32 softmax statistics.
+nn.Linear (wq, wk, wv, wo), bias-free unless `bias` (q/k/v, Qwen2) / `out_bias` (o); head_dim may
+differ from dim / n_heads (Qwen3). `qk_norm`: RMSNorm over head_dim on every q and k head (weights
+q_norm.weight, k_norm.weight, shared by the heads), before RoPE, as Qwen3 and minimind-3 do. Under
+autocast q/k/v are 16-bit and attention runs in that dtype with fp32 softmax statistics.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -55,20 +57,30 @@ def sdpa(q, k, v, mask=None, causal=False):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, backend: str = "llmcore"):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, backend: str = "llmcore", head_dim: int = 0,
+                 bias: bool = False, out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
-        assert dim % n_heads == 0 and n_heads % n_kv_heads == 0, "dim % n_heads and n_heads % n_kv_heads must be 0"
-        self.n_heads, self.n_kv_heads, self.head_dim, self.backend = n_heads, n_kv_heads, dim // n_heads, backend
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        head_dim = head_dim or dim // n_heads
+        assert n_heads % n_kv_heads == 0, "n_heads % n_kv_heads must be 0"
+        self.n_heads, self.n_kv_heads, self.head_dim, self.backend = n_heads, n_kv_heads, head_dim, backend
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        if qk_norm:
+            from llmcore.nn.norm import RMSNorm
+
+            self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps, backend), RMSNorm(head_dim, norm_eps, backend)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, rotary, meta: AttnMeta, kv_cache=None):
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)     # (B, S, Hq, D)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, meta.positions)
         torch_backend = self.backend == "torch"
         if kv_cache is not None:

@@ -12,7 +12,8 @@ the sum of that many separate experts).
 
 Parameters (stacked, nn.Linear's (out, in) convention per expert):
   gate.weight (E, H); gate_up_proj (E, 2F, H) — rows [0, F) gate, [F, 2F) up; down_proj (E, H, F);
-  shared_gate_up.weight (2 S F, H), shared_down.weight (H, S F) when num_shared_experts S > 0;
+  shared_gate_up.weight (2 S F, H), shared_down.weight (H, S F) when num_shared_experts S > 0, and
+  with shared_gate shared_expert_gate.weight (1, H): shared(x) * sigmoid(x @ g) (Qwen2-MoE);
   buffer expert_bias (E,) fp32: DeepSeek-V3's selection bias (balance="bias").
 
 Load balancing and the trainer contract:
@@ -76,7 +77,7 @@ class MoEFeedForward(nn.Module):
     """
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k, num_shared_experts=0, score="softmax",
-                 renormalize=True, aux_loss_coef=0.01, balance="aux", seq_aux=True):
+                 renormalize=True, aux_loss_coef=0.01, balance="aux", seq_aux=True, shared_gate=False):
         super().__init__()
         if balance not in _BALANCE:
             raise ValueError(f"balance must be one of {_BALANCE}, got {balance!r}")
@@ -93,8 +94,10 @@ class MoEFeedForward(nn.Module):
         if num_shared_experts > 0:
             self.shared_gate_up = nn.Linear(hidden, 2 * num_shared_experts * ffn_hidden, bias=False)
             self.shared_down = nn.Linear(num_shared_experts * ffn_hidden, hidden, bias=False)
+            # Qwen2-MoE: the shared output is scaled per token by sigmoid(x @ shared_expert_gate)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
         else:
-            self.shared_gate_up = self.shared_down = None
+            self.shared_gate_up = self.shared_down = self.shared_expert_gate = None
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.aux_loss = torch.zeros(())
@@ -121,7 +124,10 @@ class MoEFeedForward(nn.Module):
     def shared(self, x2):
         if self.shared_gate_up is None:
             return None
-        return self.shared_down(swiglu_packed(self.shared_gate_up(x2)))  # [gate | up] -> (T, S*Fs)
+        y = self.shared_down(swiglu_packed(self.shared_gate_up(x2)))  # [gate | up] -> (T, S*Fs) -> (T, H)
+        if self.shared_expert_gate is not None:
+            y = torch.sigmoid(self.shared_expert_gate(x2)) * y
+        return y
 
     def forward(self, x):
         shape = x.shape

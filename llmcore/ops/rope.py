@@ -26,7 +26,9 @@ import torch
 
 from llmcore.ops._lib import ops, use_reference
 
-__all__ = ["rope_cache", "rope", "rope_", "rope_reference"]
+__all__ = ["rope_cache", "rope_frequencies", "rope", "rope_", "rope_reference"]
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 def _yarn_params(scaling):
@@ -43,7 +45,77 @@ def _yarn_params(scaling):
     return float(factor), int(orig), 32.0, 1.0, 1.0
 
 
-def rope_cache(max_seq_len: int, head_dim: int, theta: float = 1e6, device=None, scaling=None):
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None,
+                     device=None):
+    """(inv_freq fp32 (head_dim // 2,), attention_scaling) exactly as transformers'
+    ROPE_INIT_FUNCTIONS compute them (modeling_rope_utils, transformers 4.45-5.x) for
+    scaling["rope_type"] in ROPE_TYPES (None / "default": inv_freq[i] = theta ** (-2i / head_dim)):
+
+    linear   inv_freq / factor
+    dynamic  NTK-aware: theta *= (factor * L / M - (factor - 1)) ** (D / (D - 2)) with L = max(seq_len,
+             M), M = scaling["max_position_embeddings"] (the model's trained length); seq_len is the
+             length of the current forward (transformers recomputes per forward, see Rotary)
+    yarn     ramp between extrapolated and interpolated (/ factor) frequencies over the dims whose
+             wavelength turns beta_fast (32) .. beta_slow (1) times in original_max_position_embeddings
+             (floor/ceil unless truncate=False); attention_scaling = attention_factor, else
+             mscale(factor, mscale) / mscale(factor, mscale_all_dim), else 0.1 ln(factor) + 1
+    llama3   wavelengths above original / low_freq_factor divided by factor, below original /
+             high_freq_factor kept, smoothly interpolated in between
+    """
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_frequencies: rope_type must be one of {ROPE_TYPES}, got {kind!r}")
+    sc = scaling or {}
+    dim = head_dim
+    arange = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
+    if kind == "dynamic":
+        factor, M = float(sc["factor"]), int(sc["max_position_embeddings"])
+        L = max(int(seq_len or M), M)
+        theta = theta * ((factor * L / M) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (theta ** (arange / dim))
+    if kind == "linear":
+        return inv_freq / float(sc["factor"]), 1.0
+    if kind == "llama3":
+        factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old = float(sc["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        inv_l = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, inv_l), 1.0
+    if kind == "yarn":
+        orig = int(sc["original_max_position_embeddings"])
+        factor = sc.get("factor") or sc["max_position_embeddings"] / orig
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        att = sc.get("attention_factor")
+        if att is None:
+            m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+            att = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+        def corr_dim(rot):
+            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+        if sc.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+        pos_freqs = theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
+        extra = 1 - ramp  # the extrapolation weight
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+        return inv, float(att)
+    return inv_freq, 1.0
+
+
+def rope_cache(max_seq_len: int, head_dim: int, theta: float = 1e6, device=None, scaling=None,
+               inv_freq=None, attention_scaling: float = 1.0):
     """cos, sin tables, fp32 of shape (max_seq_len, head_dim // 2): angle[p, i] = p * inv_freq[i],
     inv_freq[i] = theta ** (-2i / head_dim) (HF / minimind convention).
 
@@ -53,14 +125,20 @@ def rope_cache(max_seq_len: int, head_dim: int, theta: float = 1e6, device=None,
     the original length, inv_freq[i] *= (1 - ramp[i]) + ramp[i] / factor with ramp rising linearly
     from 0 to 1 between the dims whose wavelength is beta_fast and beta_slow turns over the original
     length (high frequencies kept, low ones interpolated); cos and sin are scaled by attention_factor.
+
+    `inv_freq` / `attention_scaling` (from `rope_frequencies`, transformers' rope types) replace the
+    default frequencies; cos and sin are then multiplied by attention_scaling.
     """
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope_cache: head_dim must be even and positive, got {head_dim}")
     if max_seq_len < 0:
         raise ValueError(f"rope_cache: max_seq_len must be >= 0, got {max_seq_len}")
     half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[:half].float() / head_dim))
-    attn_factor = 1.0
+    attn_factor = attention_scaling
+    if inv_freq is not None:  # given (rope_frequencies: a transformers rope type)
+        inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+    else:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[:half].float() / head_dim))
     if scaling is not None:
         factor, orig, beta_fast, beta_slow, attn_factor = _yarn_params(scaling)
         if max_seq_len / orig > 1.0:

@@ -1,5 +1,5 @@
 """import_hf is exact or refuses: every transformers config field that changes the math is either
-represented or refused with a message naming it; pickled (.bin) weights are refused; a tokenizer
+represented (tests/interop/test_hf_families.py) or refused with a message naming it; pickled (.bin) weights are refused; a tokenizer
 that is not ours is reported, never silently dropped."""
 import warnings
 
@@ -20,24 +20,25 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_fac
 # (config class, base kwargs, the field changed, its value, what the message must name)
 REFUSED = [
     ("LlamaConfig", {}, "hidden_act", "gelu", "hidden_act='gelu'"),
-    ("LlamaConfig", {}, "attention_bias", True, "attention_bias=True"),
     ("LlamaConfig", {}, "mlp_bias", True, "mlp_bias=True"),
-    ("LlamaConfig", {}, "head_dim", 32, "head_dim=32"),
-    ("LlamaConfig", {}, "tie_word_embeddings", False, "tie_word_embeddings=False"),
     ("LlamaConfig", {}, "pretraining_tp", 2, "pretraining_tp=2"),
     ("LlamaConfig", {}, "attention_dropout", 0.1, "attention_dropout=0.1"),
-    ("LlamaConfig", {}, "rope_parameters", LLAMA3, "rope_parameters="),
-    ("LlamaConfig", {}, "rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, "'linear'"),
+    ("LlamaConfig", {}, "rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 32,
+                                            "long_factor": [1.0] * 32, "original_max_position_embeddings": 64},
+     "'longrope'"),
+    ("LlamaConfig", {}, "rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0,
+                                            "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
     ("LlamaConfig", {}, "logit_scale", 0.5, "logit_scale=0.5"),  # a field llmcore does not know
-    ("MixtralConfig", MOE, "sliding_window", 64, "sliding_window=64"),
     ("MixtralConfig", MOE, "router_jitter_noise", 0.1, "router_jitter_noise=0.1"),
     ("MixtralConfig", MOE, "hidden_act", "gelu", "hidden_act='gelu'"),
-    ("Qwen2MoeConfig", QMOE, "qkv_bias", True, "qkv_bias=True"),
-    ("Qwen2MoeConfig", QMOE, "norm_topk_prob", False, "norm_topk_prob=False"),
+    ("Qwen2Config", {}, "use_sliding_window", True, "use_sliding_window=True"),
+    ("Qwen3Config", {}, "layer_types", ["full_attention", "sliding_attention"], "layer_types="),
     ("Qwen2MoeConfig", QMOE, "use_sliding_window", True, "use_sliding_window=True"),
     ("Qwen2MoeConfig", QMOE, "mlp_only_layers", [0], "mlp_only_layers=[0]"),
     ("Qwen2MoeConfig", QMOE, "decoder_sparse_step", 2, "decoder_sparse_step=2"),
     ("Qwen2MoeConfig", QMOE, "shared_expert_intermediate_size", 96, "shared_expert_intermediate_size=96"),
+    ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64), "mlp_only_layers", [1],
+     "mlp_only_layers=[1]"),
 ]
 
 
@@ -47,7 +48,8 @@ def _config(cls, extra, **kw):
     return c
 
 
-@pytest.mark.parametrize("cls,extra", [("LlamaConfig", {}), ("MixtralConfig", MOE), ("Qwen2MoeConfig", QMOE)])
+@pytest.mark.parametrize("cls,extra", [("LlamaConfig", {}), ("MixtralConfig", MOE), ("Qwen2MoeConfig", QMOE),
+                                       ("MistralConfig", {}), ("Qwen2Config", {}), ("Qwen3Config", {})])
 def test_llmcore_shaped_configs_import(cls, extra):
     cfg = config_from_hf(_config(cls, extra))
     assert cfg.dim == 128 and cfg.n_layers == 2

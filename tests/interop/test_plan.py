@@ -134,3 +134,13 @@ def test_peak_training_memory(backend):
     est = m["grads"] + m["activations"] + m["transient"]
     print(f"{backend}: measured step peak {r['peak_step'] / 2**20:.1f} MiB, planner {est / 2**20:.1f} MiB")
     assert abs(r["peak_step"] - est) / est < 0.25, (r["peak_step"], est)
+
+
+def test_minimind3_presets_have_minimind_figures():
+    """minimind-3: 64M parameters; minimind-3-moe: 198M total / 64M active (minimind's README figures)."""
+    for preset, total, active in (("minimind-3", 64, 64), ("minimind-3-moe", 198, 64)):
+        pc = param_counts(arch_from_config(get_config(preset)))
+        assert (round(pc["total"] / 1e6), round(pc["active"] / 1e6)) == (total, active), preset
+    c = get_config("minimind-3")
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.qk_norm, c.tie_embeddings) == \
+        (768, 8, 8, 4, 2432, True, True)
