@@ -19,7 +19,6 @@ import pathlib
 import secrets
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
