@@ -6,7 +6,9 @@
 
 Sampling, per step, on the last position's logits (fp32): repetition penalty (HF rule: a seen
 token's logit is divided by p if positive, multiplied by p otherwise), temperature (0 = greedy),
-top-k, top-p (nucleus: the smallest set whose probability reaches top_p), then a multinomial draw.
+top-k, top-p (nucleus: the smallest set whose probability reaches top_p; the most likely token is
+always kept, so top_p = 0 is greedy), then a multinomial draw. Temperatures below 1e-5 are greedy
+(vLLM's rule): logits / T would overflow to inf and the softmax to NaN.
 Generation stops at max_new_tokens, at a stop token (not yielded), or when the cache is full.
 A prompt is prefilled in one forward; each new token is one decode forward of length 1.
 """
@@ -15,13 +17,16 @@ import torch
 from llmcore.model.model import KVCache
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
+
 def sample_next(logits, seen=None, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None):
     """logits (B, V) -> next ids (B,). seen (B, T) ids already in the context, for the penalty."""
     logits = logits.float().clone()
     if repetition_penalty != 1.0 and seen is not None and seen.numel():
         prev = logits.gather(1, seen)
         logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -31,6 +36,7 @@ def sample_next(logits, seen=None, temperature=1.0, top_k=0, top_p=1.0, repetiti
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass before them reaches top_p
+        drop[:, 0] = False  # ... and always the most likely one (top_p = 0 would drop every token)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 

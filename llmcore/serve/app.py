@@ -3,8 +3,10 @@
 Routes: POST /v1/chat/completions (JSON or SSE stream ending with `data: [DONE]`),
 POST /v1/completions, GET /v1/models, GET /health, GET / (web chat page).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with 400 for malformed or
-invalid bodies, unknown models and requests that exceed the context, 401 for a missing/wrong API key
-(when the server has one), 404 for unknown routes.
+invalid bodies (llmcore.serve.protocol checks every request field), unknown models and requests that
+exceed the context, 401 for a missing/wrong API key (when the server has one), 404 for unknown routes,
+500 (server_error, never a plain-text page) for a failure of our own. A stream that fails after its
+headers were sent ends with an error event and `data: [DONE]`.
 Every generation runs on the scheduler's worker thread; a client that disconnects cancels its
 request (the SSE generator is closed by the server, or the disconnect poller notices).
 """
@@ -17,7 +19,6 @@ import pathlib
 import secrets
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -25,42 +26,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcore.serve.engine import Engine, Event, SamplingParams, Scheduler
+from llmcore.serve.protocol import APIError, ParsedRequest, error_body, parse_body, parse_chat, parse_completion
 
 STATIC = pathlib.Path(__file__).with_name("static")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def _num(body: dict, name: str, default, lo=None, hi=None, cast=float):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise APIError(400, f"'{name}' must be a number, got {type(v).__name__}", param=name)
-    v = cast(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise APIError(400, f"'{name}' must be in [{lo}, {hi}], got {v}", param=name)
-    return v
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    s = body.get("stop")
-    if s is None:
-        return ()
-    if isinstance(s, str):
-        s = [s]
-    if not isinstance(s, list) or not all(isinstance(x, str) and x for x in s) or len(s) > 4:
-        raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", param="stop")
-    return tuple(s)
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_active: int = 16,
@@ -91,6 +59,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_active: int = 16,
         t = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(error_body(str(exc.detail), t), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def _internal(_req, exc):
+        return JSONResponse(error_body(f"The server had an error while processing your request "
+                                       f"({type(exc).__name__}).", "server_error"), status_code=500)
+
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
         if api_key and request.url.path.startswith("/v1/"):
@@ -101,69 +74,23 @@ def create_app(engine: Engine, api_key: str | None = None, max_active: int = 16,
                                                "invalid_api_key"), status_code=401)
         return await call_next(request)
 
-    async def _json(request: HTTPRequest) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        return body
-
-    def _check_model(body: dict) -> str:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "you must provide a model parameter", param="model")
+    def _check_model(model: str) -> None:
         if model != engine.model_id:
             raise APIError(400, f"The model `{model}` does not exist. Available: {engine.model_id}",
                            param="model", code="model_not_found")
-        return model
 
-    def _params(body: dict, n_prompt: int) -> SamplingParams:
+    def _params(p: ParsedRequest, n_prompt: int) -> SamplingParams:
         room = engine.max_seq_len - n_prompt
+        where = "messages" if p.messages is not None else "prompt"
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens; your prompt "
-                                f"has {n_prompt} tokens.", param="messages", code="context_length_exceeded")
-        mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _num(body, mt_name, None, lo=1, cast=int)
-        if max_tokens is None:
-            max_tokens = min(default_max_tokens, room)
+                                f"has {n_prompt} tokens.", param=where, code="context_length_exceeded")
+        max_tokens = p.max_tokens if p.max_tokens is not None else min(default_max_tokens, room)
         if n_prompt + max_tokens > engine.max_seq_len:
             raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens. However, you "
                                 f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} "
-                                f"for the completion).", param=mt_name, code="context_length_exceeded")
-        n = _num(body, "n", 1, lo=1, hi=1, cast=int)
-        del n
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, "'seed' must be an integer", param="seed")
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=_num(body, "temperature", 1.0, lo=0.0, hi=2.0),
-            top_p=_num(body, "top_p", 1.0, lo=0.0, hi=1.0),
-            top_k=_num(body, "top_k", 0, lo=0, cast=int),
-            repetition_penalty=_num(body, "repetition_penalty", 1.0, lo=0.01, hi=10.0),
-            stop=_stop(body),
-            seed=seed,
-        )
-
-    def _messages(body: dict) -> list[dict[str, str]]:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise APIError(400, "'messages' must be a non-empty array", param="messages")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-                raise APIError(400, f"messages[{i}] needs a role of system, user or assistant", param=f"messages[{i}]")
-            c = m.get("content")
-            if isinstance(c, list):  # content parts: keep the text ones
-                c = "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(c, str):
-                raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
-            role = "system" if m["role"] == "developer" else m["role"]
-            out.append({"role": role, "content": c})
-        return out
+                                f"for the completion).", param=p.max_tokens_param, code="context_length_exceeded")
+        return SamplingParams(max_tokens=max_tokens, **p.sampling)
 
     async def _collect(request: HTTPRequest, req) -> tuple[str, Event]:
         """Waits for the whole answer while watching the connection: a client that goes away
@@ -200,7 +127,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_active: int = 16,
         return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
     async def _sse(request: HTTPRequest, req, make_chunk, n_prompt: int, include_usage: bool, first=None):
-        """Server-sent events for one request; cancels generation if the client goes away."""
+        """Server-sent events for one request; cancels generation if the client goes away. The
+        headers are sent already, so a failure (the engine's or ours) becomes an OpenAI-shaped error
+        event followed by `data: [DONE]`, which ends the stream as clients expect."""
         try:
             if first is not None:
                 yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
@@ -222,30 +151,22 @@ def create_app(engine: Engine, api_key: str | None = None, max_active: int = 16,
                     yield "data: [DONE]\n\n"
                     return
                 else:
-                    err = error_body(ev.text, "server_error")
-                    yield f"data: {json.dumps(err)}\n\n"
-                    return
+                    raise RuntimeError(ev.text)
+        except Exception as e:  # noqa: BLE001 - the status line is gone: report the failure in the stream
+            msg = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+            yield f"data: {json.dumps(error_body(msg, 'server_error'))}\n\n"
+            yield "data: [DONE]\n\n"
         finally:  # runs on normal end, on client disconnect (generator closed/cancelled), on errors
             if not req.finished.is_set():
                 req.cancel()
 
-    def _stream_opts(body: dict) -> tuple[bool, bool]:
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise APIError(400, "'stream' must be a boolean", param="stream")
-        so = body.get("stream_options") or {}
-        if not isinstance(so, dict):
-            raise APIError(400, "'stream_options' must be an object", param="stream_options")
-        return stream, bool(so.get("include_usage", False))
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
-        body = await _json(request)
-        model = _check_model(body)
-        msgs = _messages(body)
-        stream, include_usage = _stream_opts(body)
-        prompt = engine.encode_chat(msgs)
-        params = _params(body, len(prompt))
+        p = parse_chat(parse_body(await request.body()))
+        _check_model(p.model)
+        model, stream, include_usage = p.model, p.stream, p.include_usage
+        prompt = engine.encode_chat(p.messages)
+        params = _params(p, len(prompt))
         req = sched.submit(prompt, params)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
@@ -273,19 +194,13 @@ def create_app(engine: Engine, api_key: str | None = None, max_active: int = 16,
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await _json(request)
-        model = _check_model(body)
-        prompt_text = body.get("prompt")
-        if isinstance(prompt_text, list) and len(prompt_text) == 1 and isinstance(prompt_text[0], str):
-            prompt_text = prompt_text[0]
-        if not isinstance(prompt_text, str):
-            raise APIError(400, "'prompt' must be a string", param="prompt")
-        stream, include_usage = _stream_opts(body)
-        echo = bool(body.get("echo", False))
+        p = parse_completion(parse_body(await request.body()))
+        _check_model(p.model)
+        model, stream, include_usage, prompt_text, echo = p.model, p.stream, p.include_usage, p.prompt, p.echo
         prompt = engine.encode(prompt_text)
         if not prompt:
             raise APIError(400, "'prompt' must not be empty", param="prompt")
-        params = _params(body, len(prompt))
+        params = _params(p, len(prompt))
         req = sched.submit(prompt, params)
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())

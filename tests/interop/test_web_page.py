@@ -1,5 +1,6 @@
 """The web chat page in headless Chromium (Debian's chromium + the playwright Python driver, no
-browser download): load /, send a message, watch the answer arrive in several streamed chunks."""
+browser download): load /, send a message, watch the answer arrive in several streamed chunks, then
+a second turn that must send the whole history (what the engine receives is recorded)."""
 import os
 import shutil
 import tempfile
@@ -21,9 +22,25 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-dev-shm-usage"]
 
 
+class RecordingEngine(FakeEngine):
+    """FakeEngine that records the messages and sampling parameters of every request."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen, self.params = [], []
+
+    def encode_chat(self, messages):
+        self.seen.append([dict(m) for m in messages])
+        return super().encode_chat(messages)
+
+    def generate(self, prompt_ids, params):
+        self.params.append(params)
+        return super().generate(prompt_ids, params)
+
+
 def test_chat_page_streams_answer():
     reply = "Hello from llmcore, streamed token by token."
-    eng = FakeEngine(reply=reply, delay=0.02, model_id="fake")
+    eng = RecordingEngine(reply=reply, delay=0.02, model_id="fake")
     app = create_app(eng)
     with running(app) as url, tempfile.TemporaryDirectory() as profile:
         with sync_api.sync_playwright() as pw:
@@ -52,5 +69,10 @@ def test_chat_page_streams_answer():
                 page.click("#send")
                 page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2 && "
                                        "document.querySelectorAll('.msg.assistant')[1].dataset.done === 'true'")
+                assert page.inner_text(".msg.assistant >> nth=1") == reply
+                assert eng.seen == [[{"role": "user", "content": "hi there"}],
+                                    [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": reply},
+                                     {"role": "user", "content": "again"}]]
+                assert [p.temperature for p in eng.params] == [0.3, 0.3] and eng.params[0].top_p == 0.9
             finally:
                 ctx.close()
