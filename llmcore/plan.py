@@ -40,7 +40,9 @@ Training memory (bytes), per data-parallel rank of `world` ranks:
       fp32: the attention log-sum-exp (H) and the two rstd values.
     final                  a·2·d + 4·V     (final norm in/out; the fp32 log-softmax of the logits that
                                             the cross-entropy saves)
-  Activation checkpointing of every layer keeps only each layer's input: a·d per layer per token.
+  Activation checkpointing (every N-th block, llmcore.model.Transformer.set_grad_checkpointing) keeps
+  only a checkpointed block's inputs: the branch output x (a·d) and the fp32 residual h (4·d) per token
+  (the first block: its fp32 input only); the other blocks save as without it.
   Transient peak (backward of the loss): the fp32 gradient of the logits, 4·V bytes per token, lives
   next to the saved activations and the gradients being accumulated; `total` includes it.
 
@@ -186,27 +188,28 @@ def flops_per_token(a: Arch, seq_len: int, training: bool = True) -> dict[str, f
     return dict(params=float(dense), attention=float(attn), total=float(dense + attn))
 
 
-def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, checkpointing: bool = False) -> int:
-    """Bytes saved for backward in one micro-batch (see the module docstring)."""
+def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, checkpointing: int = 0) -> int:
+    """Bytes saved for backward in one micro-batch (see the module docstring); checkpointing = N
+    recomputes every N-th block (True = 1 = all, 0 = none)."""
     d = a.dim
     tokens = batch * seq_len
-    if checkpointing:
-        per_layer = act_bytes * d
+    every = int(checkpointing)
+    n_ckpt = len(range(0, a.n_layers, every)) if every else 0
+    if a.moe:
+        f_act = a.top_k * a.expert_ffn + a.n_shared * a.shared_ffn
+        # router logits/probabilities in fp32; the k dispatched copies of x and of the expert outputs
+        extra = 4 * 2 * a.n_experts + act_bytes * 2 * a.top_k * d
     else:
-        if a.moe:
-            f_act = a.top_k * a.expert_ffn + a.n_shared * a.shared_ffn
-            # router logits/probabilities in fp32; the k dispatched copies of x and of the expert outputs
-            extra = 4 * 2 * a.n_experts + act_bytes * 2 * a.top_k * d
-        else:
-            f_act, extra = a.ffn, 0
-        per_layer = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
-            + 4 * (a.n_heads + 2) + extra
+        f_act, extra = a.ffn, 0
+    full = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
+        + 4 * (a.n_heads + 2) + extra
+    kept = (act_bytes + 4) * d * n_ckpt - (act_bytes * d if n_ckpt else 0)  # x and h; block 0: its input only
     final = act_bytes * 2 * d + 4 * a.vocab
-    return int(tokens * (a.n_layers * per_layer + final))
+    return int(tokens * ((a.n_layers - n_ckpt) * full + kept + final))
 
 
 def memory_bytes(a: Arch, precision: str = "autocast-bf16", zero: int = 0, world: int = 1, batch: int = 1,
-                 seq_len: int | None = None, checkpointing: bool = False) -> dict[str, int]:
+                 seq_len: int | None = None, checkpointing: int = 0) -> dict[str, int]:
     """Per-rank training memory (bytes): weights, grads, optimizer states (AdamW), activations,
     transient (logits gradient at the start of backward), total (their sum: the estimated peak)."""
     if precision not in PRECISIONS:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmcore.model.config import PRESETS, get_config  # noqa: E402
 from llmcore.train.loop import TrainConfig  # noqa: E402
+from llmcore.train.stage_cli import parse_every  # noqa: E402
 from llmcore.train.pretrain import pretrain  # noqa: E402
 
 
@@ -50,6 +51,9 @@ def add_train_args(p, steps=600, batch_size=16, lr=2e-3, seq_len=256):
                    help="stop (non-zero exit) after this many consecutive steps with a NaN/inf loss or gradient "
                         "norm; each such step is skipped, not applied")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
+    p.add_argument("--grad-checkpointing", nargs="?", const="every", default=None, metavar="every|N",
+                   help="recompute block activations in the backward (every block, or every N-th): less memory, "
+                        "~1/3 more compute")
 
 
 def train_config(a, **extra_meta) -> TrainConfig:
@@ -58,6 +62,7 @@ def train_config(a, **extra_meta) -> TrainConfig:
                        device=a.device, seed=a.seed, log_every=a.log_every, eval_every=a.eval_every,
                        save_every=a.save_every, keep_last=a.keep_last, wandb=a.wandb, progress=not a.no_progress,
                        max_bad_steps=a.max_bad_steps, allow_schedule_change=a.allow_schedule_change,
+                       grad_checkpointing=parse_every(a.grad_checkpointing),
                        extra_meta=extra_meta)
 
 

@@ -26,6 +26,7 @@ Labels are pre-shifted, as llmcore.data's datasets (and minimind's) make them: l
 target of the logits at (b, t), i.e. the token after input_ids[b, t]; -100 = no loss. The loss is mean cross-entropy in fp32 plus, for MoE,
 the routers' aux losses.
 """
+import contextlib
 import math
 
 import torch
@@ -74,7 +75,28 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.backend, cfg.rope_scaling)
+        self.grad_checkpointing = 0  # 0 = off; N = recompute every N-th block in the backward
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, every: int = 1):
+        """Activation checkpointing: in training forwards, every `every`-th block (1 = all, 0 = off)
+        keeps only its inputs and recomputes its activations in the backward
+        (torch.utils.checkpoint, non-reentrant: works with the custom ops, LoRA, MoE, torch.compile)."""
+        if every < 0:
+            raise ValueError(f"grad checkpointing: every must be >= 0, got {every}")
+        self.grad_checkpointing = int(every)
+        return self
+
+    def _run_layer(self, i, layer, x, h, meta, kv):
+        n = self.grad_checkpointing
+        if not (n and self.training and kv is None and torch.is_grad_enabled() and i % n == 0):
+            return layer(x, h, self.rotary, meta, kv)
+        from torch.utils.checkpoint import checkpoint
+
+        from llmcore.nn.moe import recomputing
+
+        return checkpoint(layer, x, h, self.rotary, meta, kv, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), recomputing()))
 
     @property
     def lm_head(self) -> torch.Tensor:
@@ -152,7 +174,7 @@ class Transformer(nn.Module):
         x, h = self.embed(input_ids), None  # (B, S, dim)
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, h = layer(x, h, self.rotary, meta, kv)
+            x, h = self._run_layer(i, layer, x, h, meta, kv)
         y, _ = self.norm(x, h)
         logits = F.linear(y, self.lm_head)  # (B, S, vocab)
         if labels is None:

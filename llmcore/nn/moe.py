@@ -32,7 +32,9 @@ torch.compile: the ops are custom ops with fake kernels (fullgraph-safe), but th
 matmul loop reads the expert counts on the host (`counts.tolist()`), a graph break; on CUDA with
 bf16 activations torch._grouped_mm takes the counts as a device tensor instead (no sync).
 """
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,19 @@ from llmcore.ops.moe import (moe_aux_loss, moe_bias_update_, moe_combine, moe_di
 from llmcore.ops.swiglu import swiglu_packed
 
 _BALANCE = ("aux", "bias", "none")
+_RECOMPUTE = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks an activation-checkpointing recompute (the model's checkpoint context_fn): the
+    forward's side effects (expert_load counts, aux_loss) happened already and are not repeated."""
+    prev = getattr(_RECOMPUTE, "on", False)
+    _RECOMPUTE.on = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.on = prev
 
 
 def _swiglu_torch(g, u):
@@ -141,14 +156,17 @@ class MoEFeedForward(nn.Module):
         s = self.shared(x2)
         if s is not None:
             y = y + s
-        if self.training:
+        recompute = getattr(_RECOMPUTE, "on", False)  # the same ops again, without the side effects
+        if self.training and not recompute:
             with torch.no_grad():
                 self.expert_load += counts.to(self.expert_load.device, torch.int64)
         if self.training and self.balance == "aux" and self.aux_loss_coef > 0:
             seq_len = shape[-2] if (self.seq_aux and len(shape) == 3) else None
-            self.aux_loss = self.aux_loss_coef * moe_aux_loss(logits, ids, self.score, seq_len)
+            aux = self.aux_loss_coef * moe_aux_loss(logits, ids, self.score, seq_len)
         else:
-            self.aux_loss = logits.new_zeros((), dtype=torch.float32)
+            aux = logits.new_zeros((), dtype=torch.float32)
+        if not recompute:
+            self.aux_loss = aux
         return y.view(shape)
 
     @torch.no_grad()

@@ -38,6 +38,7 @@ def make_dpo_loss(ref_model=None, beta: float = 0.1, label_smoothing: float = 0.
         loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta, label_smoothing)
         return loss, {"reward_margin": (cr - rj).mean(), "reward_acc": (cr > rj).float().mean(),
                       "chosen_reward": cr.mean(), "rejected_reward": rj.mean()}
+    loss_fn.units = lambda batch: batch["input_ids"].shape[0] // 2  # the loss is a mean over pairs
     return loss_fn
 
 

@@ -8,9 +8,15 @@ train(). The loop owns everything else:
 
 - precision: cfg.dtype "bf16" (autocast, CPU and GPU), "fp16" (autocast + GradScaler), "fp32";
   parameters and optimizer state stay fp32;
-- gradient accumulation (cfg.grad_accum micro-batches per optimizer step; each micro-batch loss is
-  divided by grad_accum, i.e. the step's loss is the mean of the micro-batch means), clipping,
-  AdamW with decay groups, warmup + cosine (llmcore.train.optim);
+- one normalization for every way a step is split: the step's loss is the mean over all the loss
+  units (labelled tokens by default; `loss_fn.units(batch)` says otherwise, e.g. DPO's pairs) of
+  all its gradient-accumulation micro-batches on all ranks, so its gradient equals the
+  single-process gradient of the same global batch: each micro-batch's mean loss is weighted by
+  its units * world / (the step's global units, all-reduced before the first backward; DDP then
+  averages over ranks). A micro-batch without a unit contributes nothing; a step without one is
+  skipped (not counted as diverged);
+- gradient accumulation (cfg.grad_accum micro-batches per optimizer step), clipping, AdamW with
+  decay groups, warmup + cosine (llmcore.train.optim);
 - data order: a seeded permutation per epoch, split across ranks; its position (epoch, cursor) is
   checkpointed so --resume continues with the very next batch;
 - a tqdm bar (loss, lr, tokens/s), tensorboard (if importable), wandb (if cfg.wandb and installed),
@@ -72,6 +78,7 @@ class TrainConfig:
     wandb: str = ""                  # wandb project name; empty = off
     plot: bool = True
     max_bad_steps: int = 5           # consecutive non-finite steps (skipped) before TrainingDiverged
+    grad_checkpointing: int = 0      # recompute every N-th block's activations in the backward (0 = off)
     allow_schedule_change: bool = False  # resume with different SCHEDULE_FIELDS (warned) instead of refusing
     extra_meta: dict = field(default_factory=dict)  # stored in each checkpoint's meta.json
 
@@ -108,6 +115,17 @@ def check_schedule(saved: dict, cfg, ckpt) -> list:
                                f"learning rate / data order of the steps already trained. Resume with the original "
                                f"settings, or pass --allow-schedule-change to continue on the new schedule.")
     return diffs
+
+
+def loss_units(loss_fn, batch) -> float:
+    """How many units the mean loss of `batch` averages over: loss_fn.units(batch) when the loss
+    function defines it, else the labelled tokens (labels != -100), else the rows."""
+    f = getattr(loss_fn, "units", None)
+    if f is not None:
+        return float(f(batch))
+    if "labels" in batch:
+        return float((batch["labels"] != -100).sum())
+    return float(batch["input_ids"].shape[0])
 
 
 def lm_loss(model, batch):
@@ -279,6 +297,10 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
     model.to(device)
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError("grad_checkpointing needs an llmcore Transformer (set_grad_checkpointing)")
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
     raw = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -331,15 +353,23 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = _to(data.next(), device)
+        batches = [_to(data.next(), device) for _ in range(cfg.grad_accum)]
+        units = [loss_units(loss_fn, b) for b in batches]
+        total = torch.tensor(sum(units), dtype=torch.float64, device=device)
+        if world > 1:  # the step's global number of loss units, before any backward
+            dist.all_reduce(total)
+        total = float(total)
+        step_loss = torch.zeros((), dtype=torch.float32, device=device)
+        for micro, (batch, n) in enumerate(zip(batches, units)):
             sync = world == 1 or micro == cfg.grad_accum - 1
             with (nullcontext() if sync else model.no_sync()), _autocast(device, cfg.dtype):
                 loss, metrics = loss_fn(model, batch)
-            scaled = loss / cfg.grad_accum
+            if n > 0:
+                scaled = loss * (n * world / total)
+                step_loss += loss.detach().float() * (n / total)
+            else:  # nothing to learn here; still a backward, so every DDP rank reduces the same buckets
+                scaled = loss.nan_to_num(0.0) * 0.0
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            step_loss += loss.detach().float() / cfg.grad_accum
             for k, v in metrics.items():
                 acc_metrics[k] = acc_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
             n_tok = batch["input_ids"].numel() * world
@@ -348,13 +378,17 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         if scaler is not None:
             scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if world > 1:  # the logged loss is the mean over ranks (and every rank takes the same skip decision)
+        if world > 1:  # the logged loss is the global mean (and every rank takes the same skip decision)
             dist.all_reduce(step_loss)
-            step_loss /= world
         loss_val, gnorm_val = float(step_loss), float(gnorm)
         # fp16: gradients that overflow with a finite loss are the scaler's to skip (it lowers its scale)
         bad = not math.isfinite(loss_val) or (scaler is None and not math.isfinite(gnorm_val))
-        if bad:
+        empty = total == 0  # no loss unit anywhere in the step: nothing to apply, and not a divergence
+        if empty:
+            loss_val = float("nan")
+            if scaler is not None:
+                scaler.update()
+        elif bad:
             skipped, bad_run = skipped + 1, bad_run + 1
             if scaler is not None:
                 scaler.update()  # lowers the scale after the inf/NaN seen by unscale_
@@ -367,6 +401,7 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
                 opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        bad = bad and not empty
         if bad and is_main:
             what = "loss" if not math.isfinite(loss_val) else "gradient norm"
             msg = f"step {step}: non-finite {what} (loss {loss_val:.4g}, grad norm {gnorm_val:.4g}): optimizer step " \
@@ -383,10 +418,10 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
                 f"training diverged: {bad_run} consecutive steps with a non-finite loss or gradient norm, the last "
                 f"at step {step} (lr {lr:.3g}); those steps were not applied and {kept}. Lower --lr, check the "
                 f"data, or raise --max-bad-steps.")
-        if after_step is not None and not bad:
+        if after_step is not None and not (bad or empty):
             after_step(step, raw)
         history["losses"].append((step, loss_val))
-        if not bad:
+        if not (bad or empty):
             acc_loss, n_acc = acc_loss + loss_val, n_acc + 1
         if bar is not None:
             bar.update(1)

@@ -37,6 +37,8 @@ def add_common_args(p: argparse.ArgumentParser, init_help="SFT checkpoint (dir o
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop (non-zero exit) after this many consecutive steps with a NaN/inf loss or gradient norm")
+    p.add_argument("--grad-checkpointing", nargs="?", const="every", default=None, metavar="every|N",
+                   help="recompute block activations in the backward (every block, or every N-th)")
     return p
 
 
@@ -103,6 +105,17 @@ def stage_meta(tok, stage: str) -> dict:
     return {"stage": stage, **({"tokenizer": str(tok.source_dir)} if getattr(tok, "source_dir", None) else {})}
 
 
+def parse_every(v) -> int:
+    """--grad-checkpointing's value: None -> 0 (off), "every" -> 1, "N" -> N."""
+    if v is None:
+        return 0
+    if v == "every":
+        return 1
+    if not str(v).isdigit() or int(v) < 1:
+        raise SystemExit(f"--grad-checkpointing takes 'every' or a positive integer, got {v!r}")
+    return int(v)
+
+
 def train_config(args, default_lr: float, tok=None, stage: str = "", **kw):
     """The TrainConfig of a stage CLI; `tok` and `stage` go into every checkpoint's meta."""
     from llmcore.train.loop import TrainConfig
@@ -112,7 +125,8 @@ def train_config(args, default_lr: float, tok=None, stage: str = "", **kw):
     return TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr if args.lr is not None else default_lr, warmup_steps=min(20, args.steps // 10),
                        dtype=args.dtype, device=args.device, seed=args.seed, log_every=args.log_every,
-                       progress=not args.no_progress, max_bad_steps=args.max_bad_steps, **kw)
+                       progress=not args.no_progress, max_bad_steps=args.max_bad_steps,
+                       grad_checkpointing=parse_every(args.grad_checkpointing), **kw)
 
 
 def user_errors() -> tuple:

@@ -61,14 +61,17 @@ def test_hand_numbers():
 # The planner models the llmcore backend (SwiGLU recomputes silu in backward). Measured on this model
 # (fp32, B=2, T=128): llmcore dense and MoE within 0.3%; the torch backend saves ~23% more on the
 # dense model (silu(gate) and SDPA's extra buffers), so it only gets a loose bound.
-@pytest.mark.parametrize("backend,moe,tol", [("llmcore", False, 0.03), ("torch", False, 0.3), ("llmcore", True, 0.03),
-                                             ("torch", True, 0.3)])
-def test_activation_bytes_vs_saved_tensors(backend, moe, tol):
+@pytest.mark.parametrize("backend,moe,tol,every", [("llmcore", False, 0.03, 0), ("torch", False, 0.3, 0),
+                                                   ("llmcore", True, 0.03, 0), ("torch", True, 0.3, 0),
+                                                   ("llmcore", False, 0.03, 1), ("llmcore", True, 0.03, 1),
+                                                   ("llmcore", False, 0.03, 2)])
+def test_activation_bytes_vs_saved_tensors(backend, moe, tol, every):
     """The planner's activation estimate vs the unique storages autograd saves (fp32 training)."""
     torch.manual_seed(0)
     extra = dict(n_experts=4, top_k=2, n_shared_experts=1) if moe else {}
-    cfg = get_config("tiny", backend=backend, dim=128, n_layers=2, vocab_size=2000, max_seq_len=128, **extra)
-    model = build_model(cfg)
+    cfg = get_config("tiny", backend=backend, dim=128, n_layers=4 if every else 2, vocab_size=2000, max_seq_len=128,
+                     **extra)
+    model = build_model(cfg).set_grad_checkpointing(every)
     B, T = 2, 128
     ids = torch.randint(0, cfg.vocab_size, (B, T))
     saved = {}
@@ -82,7 +85,7 @@ def test_activation_bytes_vs_saved_tensors(backend, moe, tol):
         model(ids, labels=ids)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(v for k, v in saved.items() if k not in params and k != ids.untyped_storage().data_ptr())
-    est = memory_bytes(arch_from_config(cfg), "fp32", 0, 1, B, T)["activations"]
+    est = memory_bytes(arch_from_config(cfg), "fp32", 0, 1, B, T, checkpointing=every)["activations"]
     assert abs(measured - est) / measured < tol, (measured, est)
 
 
