@@ -260,7 +260,9 @@ __global__ void __launch_bounds__(D) fa_combine_kernel(const FwdArgs args) {
 }
 
 // In-place append: one thread per element (the append is a few rows; no alignment demands).
-__global__ void fa_kv_append_kernel(const KvAppendParams a, int64_t cache_len) {
+constexpr int kAppendThreads = 256;
+
+__global__ void __launch_bounds__(kAppendThreads) fa_kv_append_kernel(const KvAppendParams a, int64_t cache_len) {
   const int64_t total = a.batch * a.s_new * a.heads_kv * a.head_dim;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -346,9 +348,8 @@ cudaError_t flash_attn_decode_cuda(const FlashAttnParams& p, int64_t num_splits,
 cudaError_t flash_attn_kv_append_cuda(const KvAppendParams& a, cudaStream_t stream) {
   const int64_t total = a.batch * a.s_new * a.heads_kv * a.head_dim;
   if (total == 0) return cudaSuccess;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
-  fa_kv_append_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, a.cache_len);
+  const int64_t blocks = std::min<int64_t>((total + kAppendThreads - 1) / kAppendThreads, 4096);
+  fa_kv_append_kernel<<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(a, a.cache_len);
   return cudaGetLastError();
 }
 
