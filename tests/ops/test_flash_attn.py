@@ -115,6 +115,122 @@ def test_fully_masked_rows_are_zero_not_nan(device):
         assert torch.all(o == 0) and torch.all(l == float("-inf"))
 
 
+def _same(a, b, name):
+    """Bitwise on CPU (rows never mix); on CUDA close (the backward's dQ accumulation order)."""
+    if a.is_cuda:
+        torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    else:
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+
+
+def _sdpa_nan_rows(q, k, v, causal):
+    """Rows (B, S, H) where PyTorch's math SDPA (fp64, GQA repeated) outputs NaN."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = q.shape[2] // k.shape[2]
+    qd, kd, vd = (t.detach().double().transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        o = F.scaled_dot_product_attention(qd, kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1), is_causal=causal)
+    return torch.isnan(o.transpose(1, 2)).any(-1).cpu()
+
+
+def check_nan_propagation(device, dtype):
+    """A NaN in q makes its own row's out and lse NaN (before: out 0, lse -inf, as if fully
+    masked — PyTorch's CPU flash SDPA does the same, its math SDPA gives NaN); a NaN in k makes
+    NaN every row that sees that key; a NaN in v every row that sees it (lse untouched). Rows the
+    NaN cannot reach are bit-identical to a clean run. Backward: dq of the NaN row and dk / dv of
+    every key it sees are NaN, never finite garbage; other (sequence, kv head) groups untouched.
+    Real masking is unchanged: rows with no visible key stay out 0, lse -inf."""
+    B, S, Hq, Hkv, D = 2, 150, 4, 2, 64
+    for causal in (True, False):
+        clean = _inputs((B, S, S, Hq, Hkv, D), dtype, device, seed=3)
+        out0, lse0 = lo.flash_attn(*clean, causal=causal, return_lse=True)
+        dout = make(out0.shape, dtype, device, seed=8)
+        g0 = torch.autograd.grad(out0, clean, dout)
+        seen = lambda j: (torch.arange(S) >= j) if causal else torch.ones(S, dtype=torch.bool)  # noqa: E731
+        for which, (b, pos, h) in (("q", (1, 70, 3)), ("k", (0, 100, 0)), ("v", (0, 30, 1))):
+            q, k, v = (t.detach().clone() for t in clean)
+            {"q": q, "k": k, "v": v}[which][b, pos, h, 5] = float("nan")
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            out, lse = lo.flash_attn(q, k, v, causal=causal, return_lse=True)
+            rows = torch.zeros(B, S, Hq, dtype=torch.bool)  # (b, i, head) that must be NaN
+            if which == "q":
+                rows[b, pos, h] = True
+            else:
+                rows[b, :, h * (Hq // Hkv):(h + 1) * (Hq // Hkv)] = seen(pos)[:, None]
+            nan_rows = torch.isnan(out).all(-1).cpu()
+            if which in ("q", "k"):
+                assert torch.isnan(out).any(-1).cpu().equal(nan_rows), f"{which}: a NaN row must be NaN in every column"
+                assert torch.equal(nan_rows, rows), f"NaN in {which} (causal={causal}): wrong rows of out are NaN"
+                assert torch.equal(torch.isnan(lse).cpu(), rows.permute(0, 2, 1)), f"NaN in {which}: lse"
+                sdpa = _sdpa_nan_rows(q, k, v, causal)
+                # math SDPA adds its causal mask, and NaN + -inf is NaN: a NaN key also poisons
+                # the rows that cannot see it there; we mask, so exactly the rows that see it
+                assert torch.equal(sdpa, rows) if which == "q" else bool(sdpa[rows].all()), "math SDPA disagrees"
+                keep = ~rows.to(out.device)
+                _same(out[keep], out0[keep], f"{which}: rows the NaN cannot reach")
+                _same(lse.permute(0, 2, 1)[keep], lse0.permute(0, 2, 1)[keep], f"{which}: lse of those rows")
+            else:  # v[.., 5] is NaN: column 5 of every row that sees it (0 * NaN in P V may reach
+                # rows that do not, as in SDPA); the other columns and lse are untouched
+                assert torch.isnan(out[..., 5]).cpu()[rows].all(), f"NaN in v (causal={causal}): a row that sees it"
+                cols = torch.arange(D, device=out.device) != 5
+                _same(out[..., cols], out0[..., cols], "v: the other columns")
+                _same(lse, lse0, "v: lse does not depend on v")
+            if which != "q":
+                continue
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+            assert torch.isnan(dq[b, pos, h]).all(), "dq of the NaN row must be NaN"
+            hk = h // (Hq // Hkv)
+            vis = seen(0).clone() if not causal else (torch.arange(S) <= pos)
+            assert torch.isnan(dk[b, vis, hk]).all(-1).all() and torch.isnan(dv[b, vis, hk]).all(-1).all(), \
+                "dk / dv of every key the NaN row sees must be NaN"
+            other = torch.ones(B, S, Hq, dtype=torch.bool)
+            other[b, pos, h] = False
+            assert torch.isfinite(dq[other.to(dq.device)]).all(), "dq of the other rows must stay finite"
+            _same(dq[0], g0[0][0], "dq of the other sequence")
+            _same(dk[0], g0[1][0], "dk of the other sequence")
+            _same(dv[0], g0[2][0], "dv of the other sequence")
+            _same(dk[b, :, 1 - hk], g0[1][b, :, 1 - hk], "dk of the other kv head")
+
+    # varlen: the same rule per packed row; the sequence without a NaN is untouched
+    q, k, v, cu, cuk, mq, mk = _varlen_case([150, 97], [150, 97], Hq, Hkv, D, dtype, device)
+    o0, l0 = lo.flash_attn_varlen(q, k, v, cu, cuk, mq, mk, return_lse=True)
+    qn = q.detach().clone()
+    qn[150 + 40, 2, 7] = float("nan")
+    o, l = lo.flash_attn_varlen(qn, k, v, cu, cuk, mq, mk, return_lse=True)
+    bad = torch.zeros(o.shape[:2], dtype=torch.bool)
+    bad[190, 2] = True
+    assert torch.equal(torch.isnan(o).any(-1).cpu(), bad) and torch.isnan(o[190, 2]).all()
+    assert torch.equal(torch.isnan(l).cpu(), bad.t()), "varlen lse"
+    _same(o[~bad.to(o.device)], o0.detach()[~bad.to(o.device)], "varlen: other rows")
+
+    # KV cache decode: a NaN query (and a NaN appended key) poison only what they reach
+    kc, vc = make((2, 300, Hkv, D), dtype, device, seed=1), make((2, 300, Hkv, D), dtype, device, seed=2)
+    lens = torch.tensor([120, 257], dtype=torch.int32, device=device)
+    qd = make((2, 1, Hq, D), dtype, device, seed=4)
+    o0, l0 = lo.flash_attn_with_kvcache(qd, kc.clone(), vc.clone(), lens, return_lse=True)
+    qd[1, 0, 3, 0] = float("nan")
+    o, l = lo.flash_attn_with_kvcache(qd, kc.clone(), vc.clone(), lens, return_lse=True)
+    bad = torch.zeros(2, 1, Hq, dtype=torch.bool)
+    bad[1, 0, 3] = True
+    assert torch.equal(torch.isnan(o).any(-1).cpu(), bad) and torch.isnan(o[1, 0, 3]).all()
+    assert torch.equal(torch.isnan(l).cpu(), bad.permute(0, 2, 1)), "kvcache lse"
+    _same(o[~bad.to(o.device)], o0[~bad.to(o.device)], "kvcache: other rows")
+    kn, vn = make((2, 1, Hkv, D), dtype, device, seed=5), make((2, 1, Hkv, D), dtype, device, seed=6)
+    kn[0, 0, 1, 3] = float("nan")
+    o, l = lo.flash_attn_with_kvcache(qd.nan_to_num(), kc.clone(), vc.clone(), lens, k_new=kn, v_new=vn,
+                                      return_lse=True)
+    bad = torch.zeros(2, 1, Hq, dtype=torch.bool)
+    bad[0, 0, 2:] = True  # q heads 2, 3 read kv head 1, which now holds the NaN key
+    assert torch.equal(torch.isnan(o).any(-1).cpu(), bad) and torch.equal(torch.isnan(l).cpu(), bad.permute(0, 2, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates(device, dtype):
+    _skip_unsupported(device, dtype)
+    check_nan_propagation(device, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_scale_and_lse(device, dtype):
@@ -469,7 +585,8 @@ def test_cpu_bf16_fp32_tile_fallback():
         "for causal in (True, False):\n"
         "    t.test_flash_attn_forward_backward('cpu', torch.bfloat16, causal, (1, 300, 200, 4, 2, 64))\n"
         "    t.test_varlen_forward_backward('cpu', torch.bfloat16, causal, ([130, 1, 70], None))\n"
-        "t.test_kvcache_decode('cpu', torch.bfloat16, 1000, 3)\n")
+        "t.test_kvcache_decode('cpu', torch.bfloat16, 1000, 3)\n"
+        "t.check_nan_propagation('cpu', torch.bfloat16)\n")
     env = dict(os.environ, LLMCORE_CPU_BF16_PATH="0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
