@@ -36,6 +36,8 @@ def _acc(q):
 
 
 def _scale(softmax_scale, q):
+    if q.shape[-1] == 0:  # before 1/sqrt(D); the ATen layer says the same for an explicit scale
+        raise ValueError(f"flash_attn: argument 'q' must have head_dim > 0, got shape {list(q.shape)}")
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
@@ -126,7 +128,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, causal=True,
                             softmax_scale=None, return_lse=False):
-    """Decode / chunked prefill against a KV cache (inference only, no autograd).
+    """Decode / chunked prefill against a KV cache (inference only, no autograd: with grad mode on,
+    an input that requires grad is an error up front, nothing appended; use flash_attn to train).
 
     k_cache, v_cache: (B, S_max, Hkv, D), unit stride in D; cache_seqlens: int32 (B,), the number
     of valid cached tokens before this call (not modified: the caller advances it). k_new, v_new:

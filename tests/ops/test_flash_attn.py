@@ -428,6 +428,45 @@ def test_bad_input_errors():
         lo.flash_attn_varlen(qv, kv, kv, torch.tensor([0, 4, 11], dtype=torch.int32), cu, 7, 6)
 
 
+def test_head_dim_zero_is_a_clear_error():
+    """head_dim 0 raised ZeroDivisionError from the default softmax_scale 1/sqrt(D)."""
+    q = torch.randn(1, 4, 2, 0)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    calls = [lambda: lo.flash_attn(q, q, q), lambda: lo.flash_attn_reference(q, q, q),
+             lambda: lo.flash_attn(q, q, q, softmax_scale=1.0),
+             lambda: lo.flash_attn_varlen(q[0], q[0], q[0], cu, cu, 4, 4),
+             lambda: lo.flash_attn_with_kvcache(q, q.clone(), q.clone(), torch.tensor([2], dtype=torch.int32))]
+    for call in calls:
+        with pytest.raises((ValueError, RuntimeError), match=r"argument 'q' must have head_dim > 0, got shape \[1, 4, 2, 0\]|"
+                                                              r"argument 'q' must have head_dim > 0, got shape \[4, 2, 0\]"):
+            call()
+
+
+def test_kvcache_refuses_inputs_that_require_grad():
+    """flash_attn_with_kvcache is inference-only: an input that requires grad (under grad mode) is
+    refused before anything runs or is written, naming the argument — before, the output carried
+    a grad_fn whose backward warned and silently gave q no gradient. Under no_grad it just runs."""
+    kc, vc = make((1, 8, 2, 64), torch.float32, "cpu", seed=1), make((1, 8, 2, 64), torch.float32, "cpu", seed=2)
+    lens = torch.tensor([3], dtype=torch.int32)
+    q, kn = make((1, 1, 4, 64), torch.float32, "cpu"), make((1, 1, 2, 64), torch.float32, "cpu", seed=3)
+    for name, args in (("q", (q.clone().requires_grad_(), kc, vc, lens, kn, kn)),
+                       ("k_new", (q, kc, vc, lens, kn.clone().requires_grad_(), kn)),
+                       ("k_cache", (q, kc.clone().requires_grad_(), vc, lens, kn, kn))):
+        before = (args[1].detach().clone(), args[2].detach().clone())
+        for call in (lambda: lo.flash_attn_with_kvcache(*args),
+                     lambda: torch.ops.llmcore.flash_attn_with_kvcache(*args, 0.125, True)):
+            with pytest.raises(RuntimeError, match=f"flash_attn_with_kvcache is inference-only.*argument '{name}' "
+                                                   "requires grad"):
+                call()
+            assert torch.equal(args[1].detach(), before[0]) and torch.equal(args[2].detach(), before[1]), \
+                "nothing may be appended to the cache before the error"
+    qg = q.clone().requires_grad_()
+    with torch.no_grad():
+        out = lo.flash_attn_with_kvcache(qg, kc.clone(), vc.clone(), lens)
+    assert not out.requires_grad
+    assert_close(out, lo.flash_attn_with_kvcache_reference(q, kc.clone(), vc.clone(), lens), name="no_grad")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_errors():
