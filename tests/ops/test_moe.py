@@ -479,3 +479,45 @@ def test_bias_update_moves_load_toward_balance():
     b = torch.zeros(3)
     lo.moe_bias_update_(b, torch.tensor([1, 2, 6], dtype=torch.int32), 0.5)
     assert b.tolist() == [0.5, 0.5, -0.5]
+
+
+# ---------------------------------------------------------------- the oracles themselves
+@pytest.mark.parametrize("score,renormalize,with_bias", [("softmax", True, False), ("softmax", False, True),
+                                                         ("sigmoid", True, True), ("sigmoid", False, False)])
+def test_reference_matches_independent_fp64(score, renormalize, with_bias):
+    """The moe references (the kernels' oracles) against independent float64 code: route by
+    torch.topk of the biased scores (random logits: no ties), weights from the unbiased scores;
+    dispatch and combine as plain Python loops over experts and slots."""
+    T, E, k, H = 37, 8, 3, 5
+    logits = make((T, E), torch.float64, "cpu", seed=31, scale=2.0, requires_grad=True)
+    bias = make((E,), torch.float64, "cpu", seed=32, scale=0.3) if with_bias else None
+    w, ids = lo.moe_route_reference(logits, k, score, renormalize, bias)
+    s = torch.softmax(logits, -1) if score == "softmax" else 1 / (1 + torch.exp(-logits))
+    ids_i = torch.topk(s + (bias if with_bias else 0), k, dim=-1).indices
+    w_i = s.gather(-1, ids_i)
+    if renormalize:
+        w_i = w_i / (w_i.sum(-1, keepdim=True) + 1e-20)
+    assert torch.equal(ids.long(), ids_i)
+    assert_close(w, w_i, name="topk_weights")
+    dw = make((T, k), torch.float64, "cpu", seed=33)
+    assert_close(torch.autograd.grad(w, logits, dw)[0], torch.autograd.grad(w_i, logits, dw)[0], name="dlogits")
+
+    x = make((T, H), torch.float64, "cpu", seed=34)
+    xp, counts, offsets, row_map = lo.moe_dispatch_reference(x, ids, E)
+    pos, row_map_i, xp_i = 0, torch.empty(T, k, dtype=torch.long), torch.empty(T * k, H, dtype=torch.float64)
+    for e in range(E):  # expert-major, token order inside an expert
+        for t in range(T):
+            for j in range(k):
+                if int(ids[t, j]) == e:
+                    row_map_i[t, j], xp_i[pos] = pos, x[t]
+                    pos += 1
+    assert torch.equal(row_map.long(), row_map_i) and torch.equal(xp, xp_i)
+    assert counts.tolist() == [int((ids == e).sum()) for e in range(E)]
+    assert offsets.tolist() == [0] + torch.tensor(counts.tolist()).cumsum(0).tolist()
+    yp = make((T * k, H), torch.float64, "cpu", seed=35)
+    y = lo.moe_combine_reference(yp, w.detach(), row_map, T)
+    y_i = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            y_i[t] += w.detach()[t, j] * yp[int(row_map_i[t, j])]
+    assert_close(y, y_i, name="combine")

@@ -409,3 +409,16 @@ def test_non_finite_weights_match_bitsandbytes(dtype, kind, double_quant, n):
     _same_or_both_nan(lo.nf4_dequantize(nf, torch.float32), bnbF.dequantize_4bit(packed, qs32), "dequantized (fp32)")
     if dtype != torch.bfloat16:
         _same_or_both_nan(lo.nf4_dequantize(nf), bnbF.dequantize_4bit(packed, qs), "dequantized")
+
+
+def test_reference_matches_bitsandbytes():
+    """nf4_quantize_reference / nf4_dequantize_reference (the kernels' oracle, compared with them
+    bit for bit above) against bitsandbytes directly, so the two cannot share a format bug."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    for dq in (False, True):
+        for shape, bs in (((127, 65), 64), ((33, 1031), 128), ((999,), 32)):
+            w = _weight(shape, torch.float32, "cpu", seed=bs)
+            packed, qs = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=dq, quant_type="nf4")
+            ref = lo.nf4_quantize_reference(w, bs, dq)
+            _assert_same_nf4(ref, NF4Weight.from_bnb(packed, qs))
+            assert torch.equal(lo.nf4_dequantize_reference(ref), _bnb_dequantize(bnbF, packed, qs, shape))
