@@ -192,11 +192,16 @@ LLMCORE_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t e
         A* si = S + i * BK;
         const int64_t lim = diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n;  // visible: jj < lim
         for (int jj = static_cast<int>(std::max<int64_t>(lim, 0)); jj < BK; ++jj) si[jj] = ninf;
-        const A mx = max_row(si);                             // NaN if any visible score is NaN
-        const A mnew = mx != mx ? mx : std::max(mrow[i], mx);  // and then NaN for good (std::max keeps a)
-        if (mnew == ninf) {  // nothing visible yet in this row: P = 0
-          std::fill(si, si + BK, A(0));
-          continue;
+        const A mx = max_row(si);
+        A mnew = std::max(mrow[i], mx);
+        if (mnew == ninf) {
+          if (!has_nan_row(si)) {  // nothing visible yet in this row: P = 0
+            std::fill(si, si + BK, A(0));
+            continue;
+          }
+          // every visible score NaN (NaN in q or k; the maxes above drop NaN): the row is NaN, not
+          // masked. (Some NaN among finite scores needs nothing: exp2(NaN - m) puts it into l.)
+          mnew = std::numeric_limits<A>::quiet_NaN();
         }
         const A alpha = mrow[i] == ninf ? A(0) : A(std::exp2(mrow[i] - mnew));
         const A rs = exp2_row(si, mnew);

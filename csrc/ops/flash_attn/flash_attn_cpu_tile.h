@@ -74,23 +74,29 @@ LLMCORE_INLINE float exp2_row(float* s, float m) {
   for (int x = 0; x < 16; ++x) r += sum[x];
   return r;
 }
-// Row max that propagates NaN: a NaN score (from a NaN in q or k) must make the row NaN, not be
-// skipped (a max of -inf would read as "nothing visible": out 0, lse -inf).
+// Row max; a NaN may or may not win (lane order), so callers that see a max of -inf check
+// has_nan_row before concluding "nothing visible" (a NaN score must make the row NaN).
 LLMCORE_INLINE float max_row(const float* s) {
   v16f m = vload(s);
 #pragma GCC unroll 4
   for (int x = 1; x < BK / 16; ++x) {
     const v16f v = vload(s + 16 * x);
-    m = (v > m) | (v != v) ? v : m;
+    m = v > m ? v : m;
   }
   float r = m[0];
-  for (int x = 1; x < 16; ++x) r = (m[x] > r || m[x] != m[x]) ? m[x] : r;
+  for (int x = 1; x < 16; ++x) r = m[x] > r ? m[x] : r;
   return r;
 }
 LLMCORE_INLINE double max_row(const double* s) {
   double r = s[0];
-  for (int j = 1; j < BK; ++j) r = (s[j] > r || s[j] != s[j]) ? s[j] : r;
+  for (int j = 1; j < BK; ++j) r = s[j] > r ? s[j] : r;
   return r;
+}
+template <typename A>
+LLMCORE_INLINE bool has_nan_row(const A* s) {
+  bool nan = false;
+  for (int j = 0; j < BK; ++j) nan |= s[j] != s[j];
+  return nan;
 }
 LLMCORE_INLINE double exp2_row(double* s, double m) {
   double r = 0;
