@@ -109,14 +109,25 @@ LLMCORE_INLINE void quantize_block(const Nf4QuantizeParams& p, int64_t b, const 
   p.absmax[b] = partial ? den : am;
   const float inv = 1.0f / den;
   uint8_t codes[4096 + 1];
+  if (am <= std::numeric_limits<float>::max()) {  // finite block (the common case): no x is NaN
 #pragma omp simd
-  for (int64_t k = 0; k < len; ++k) {
-    const float v = widen(w[i0 + k]);
-    float x = partial ? v / den : v * inv;
-    x = fmin2(fmax2(x, -1.0f), 1.0f);  // keeps a NaN (x / NaN, or +-inf / inf, or inf * 0)
-    int q = 0;  // torch.bucketize: the count of midpoints < x; a NaN compares above them all -> 15
-    for (int j = 0; j < 15; ++j) q += x <= mids[j] ? 0 : 1;
-    codes[k] = static_cast<uint8_t>(q);
+    for (int64_t k = 0; k < len; ++k) {
+      const float v = widen(w[i0 + k]);
+      float x = partial ? v / den : v * inv;
+      x = fmin2(fmax2(x, -1.0f), 1.0f);
+      int q = 0;
+      for (int j = 0; j < 15; ++j) q += x > mids[j] ? 1 : 0;
+      codes[k] = static_cast<uint8_t>(q);
+    }
+  } else {  // absmax NaN or inf: x is NaN for every value (NaN block) or for the infs (0 elsewhere)
+    for (int64_t k = 0; k < len; ++k) {
+      const float v = widen(w[i0 + k]);
+      float x = partial ? v / den : v * inv;
+      x = fmin2(fmax2(x, -1.0f), 1.0f);  // keeps a NaN
+      int q = 0;  // torch.bucketize: the count of midpoints < x; a NaN compares above them all -> 15
+      for (int j = 0; j < 15; ++j) q += x <= mids[j] ? 0 : 1;
+      codes[k] = static_cast<uint8_t>(q);
+    }
   }
   if ((len & 1) && len < 4096) codes[len] = 7;  // the pad value 0.0 quantizes to code 7 (odd len < 4096)
   uint8_t* out = p.packed + i0 / 2;
