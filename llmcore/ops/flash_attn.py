@@ -17,6 +17,10 @@ decode step against a cache needs no special case (PyTorch SDPA's is_causal is t
 agree when Sq == Sk).
 Fully masked rows (no visible key: causal with Sq > Sk, an empty sequence, an empty cache) give
 out = 0 and lse = -inf, never NaN; their gradients are 0. The reference does the same.
+NaN propagates: a NaN in q makes its row's out and lse NaN, a NaN in k every row that sees that
+key, a NaN in v the outputs of the rows that see it (lse untouched); the backward then gives NaN
+dq for those rows and NaN dk / dv for the keys they see (math SDPA does the same; masked keys
+stay masked, so a NaN key does not reach rows that cannot see it).
 lse: logsumexp of the scaled scores in natural log, fp32 (fp64 for float64), (B, Hq, Sq) or
 (Hq, total_q) for varlen; it is returned for inspection / merging and is not differentiable.
 Numerics: scores, softmax statistics and P V accumulate in fp32 (online softmax over key blocks);
