@@ -30,7 +30,9 @@ Load balancing and the trainer contract:
 
 torch.compile: the ops are custom ops with fake kernels (fullgraph-safe), but the per-expert
 matmul loop reads the expert counts on the host (`counts.tolist()`), a graph break; on CUDA with
-bf16 activations torch._grouped_mm takes the counts as a device tensor instead (no sync).
+bf16 activations torch._grouped_mm takes the counts as a device tensor instead (no sync for the
+counts; moe_combine's row_map range check still syncs once per combine call, forward and
+backward — see llmcore.ops.moe_combine).
 """
 import contextlib
 import math

@@ -17,6 +17,10 @@ decode step against a cache needs no special case (PyTorch SDPA's is_causal is t
 agree when Sq == Sk).
 Fully masked rows (no visible key: causal with Sq > Sk, an empty sequence, an empty cache) give
 out = 0 and lse = -inf, never NaN; their gradients are 0. The reference does the same.
+NaN propagates: a NaN in q makes its row's out and lse NaN, a NaN in k every row that sees that
+key, a NaN in v the outputs of the rows that see it (lse untouched); the backward then gives NaN
+dq for those rows and NaN dk / dv for the keys they see (math SDPA does the same; masked keys
+stay masked, so a NaN key does not reach rows that cannot see it).
 lse: logsumexp of the scaled scores in natural log, fp32 (fp64 for float64), (B, Hq, Sq) or
 (Hq, total_q) for varlen; it is returned for inspection / merging and is not differentiable.
 Numerics: scores, softmax statistics and P V accumulate in fp32 (online softmax over key blocks);
@@ -36,6 +40,8 @@ def _acc(q):
 
 
 def _scale(softmax_scale, q):
+    if q.shape[-1] == 0:  # before 1/sqrt(D); the ATen layer says the same for an explicit scale
+        raise ValueError(f"flash_attn: argument 'q' must have head_dim > 0, got shape {list(q.shape)}")
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
@@ -126,7 +132,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, causal=True,
                             softmax_scale=None, return_lse=False):
-    """Decode / chunked prefill against a KV cache (inference only, no autograd).
+    """Decode / chunked prefill against a KV cache (inference only, no autograd: with grad mode on,
+    an input that requires grad is an error up front, nothing appended; use flash_attn to train).
 
     k_cache, v_cache: (B, S_max, Hkv, D), unit stride in D; cache_seqlens: int32 (B,), the number
     of valid cached tokens before this call (not modified: the caller advances it). k_new, v_new:

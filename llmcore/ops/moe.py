@@ -77,12 +77,14 @@ def moe_dispatch_reference(x, topk_ids, num_experts):
 
 
 def moe_combine_reference(y_permuted, topk_weights, row_map, num_tokens):
-    """Pure-PyTorch moe_combine: gather the k rows of each token, weight, sum in fp32."""
+    """Pure-PyTorch moe_combine: gather the k rows of each token, weight, sum in fp32.
+    A row_map entry -1 (a slot moe_dispatch dropped) contributes nothing."""
     T, k = row_map.shape
     acc = _acc(y_permuted)
-    rows = y_permuted.to(acc)[row_map.reshape(-1).long()].view(T, k, y_permuted.shape[1])  # (T, k, H)
+    kept = (row_map >= 0).unsqueeze(-1)                                                      # (T, k, 1)
+    rows = y_permuted.to(acc)[row_map.reshape(-1).long().clamp(min=0)].view(T, k, y_permuted.shape[1])  # (T, k, H)
     w = torch.ones(T, k, dtype=acc, device=y_permuted.device) if topk_weights is None else topk_weights.to(acc)
-    return (rows * w.unsqueeze(-1)).sum(1).to(y_permuted.dtype)
+    return torch.where(kept, rows * w.unsqueeze(-1), 0).sum(1).to(y_permuted.dtype)
 
 
 # ---------------------------------------------------------------- public functions
@@ -100,7 +102,8 @@ def moe_dispatch(x, topk_ids, num_experts):
     """Permute token rows into expert-contiguous order (stable counting sort).
     Returns (x_permuted (T*k, H), tokens_per_expert (E,) int32, offsets (E+1,) int32,
     row_map (T, k) int32). Differentiable in x (backward: dx[t] = sum_s dx_perm[row_map[t, s]]).
-    topk_ids: int32 or int64, values in [0, num_experts). Out-of-range ids raise on CPU; on CUDA
+    topk_ids: int32 or int64 (saturated to int32, never wrapped: 2**32 + 1 stays out of range),
+    values in [0, num_experts). Out-of-range ids raise on CPU; on CUDA
     (no host sync to check them) they are dropped: their row_map entry is -1, offsets[E] < T*k,
     and moe_combine treats those slots as zero."""
     if use_reference():
@@ -111,7 +114,12 @@ def moe_dispatch(x, topk_ids, num_experts):
 def moe_combine(y_permuted, topk_weights, row_map, num_tokens):
     """y[t] = sum_s topk_weights[t, s] * y_permuted[row_map[t, s]], fp32 accumulation,
     deterministic. topk_weights is cast to fp32 (fp64 next to fp64 rows) if needed.
-    Differentiable in y_permuted and topk_weights."""
+    Differentiable in y_permuted and topk_weights.
+    row_map (T, k) int32 as moe_dispatch returns it: entries in [0, T*k), or -1 for a slot that
+    moe_dispatch dropped (contributes nothing). Any other entry raises (forward and backward)
+    before a kernel runs. On CUDA that check is one aminmax on the device plus a host sync per
+    call (skipped inside a CUDA-graph capture, where the kernels still skip bad entries, so
+    nothing is read out of bounds either way)."""
     if use_reference():
         return moe_combine_reference(y_permuted, topk_weights, row_map, num_tokens)
     if topk_weights is not None and topk_weights.dtype != _acc(y_permuted):

@@ -19,6 +19,11 @@ Format (so weights move between llmcore and bitsandbytes unchanged: `NF4Weight.f
   8-bit dynamic map of bitsandbytes (`dynamic_map_signed()`), with fp32 absmax2 per 256 blocks:
   4.127 bits per weight instead of 4.5. The 8-bit rounding is bitsandbytes' CPU one (a 65536-step
   grid over [-1, 1] then the nearest code), used on every device.
+- Non-finite weights, as bitsandbytes: a NaN makes its block's absmax NaN, so the whole block
+  dequantizes to NaN; an inf (either sign) makes absmax inf: the inf itself comes back as +inf
+  (inf / inf = NaN takes the top code; bitsandbytes loses the sign too) and every other value of
+  the block as 0 * inf = NaN. Other blocks are unaffected. With double quant the offset
+  mean(absmax) is then non-finite and the whole tensor dequantizes to NaN.
 Dequantize numerics: a_b = fl(fl(code2[qabsmax[b]] * absmax2[b // 256]) + offset) (or absmax[b]);
 out = fl(NF4[k] * a_b) in fp32, then one rounding to out_dtype: identical bits to bitsandbytes'
 dequantize_4bit. CUDA does it in one launch, double quant included (bitsandbytes uses two).
@@ -182,11 +187,13 @@ def _quantize_8bit_reference(x: torch.Tensor, code: torch.Tensor):
     n = x.numel()
     pad = (-n) % BLOCKSIZE2
     xb = torch.nn.functional.pad(x, (0, pad)).reshape(-1, BLOCKSIZE2)
-    a2 = xb.abs().amax(dim=-1)  # zero padding never raises a max of |.|
+    ax = xb.abs()
+    a2 = torch.where(torch.isnan(ax), 0.0, ax).amax(dim=-1)  # NaN ignored (its C max); zero padding never raises it
     inv = torch.where(a2 == 0, torch.zeros_like(a2), 1.0 / torch.where(a2 == 0, torch.ones_like(a2), a2))
     t = torch.clamp(xb * inv.view(-1, 1), -1, 1)
     t = (t + 1.0) * 0.5
-    idx = (t.double() * 65535.0 + 0.5).float().floor().to(torch.int64)  # exact in fp64, one fp32 rounding
+    idx = (t.double() * 65535.0 + 0.5).float().floor()  # exact in fp64, one fp32 rounding
+    idx = torch.nan_to_num(idx, nan=0.0).to(torch.int64)  # NaN (a non-finite scale) -> index 0
     val = (2.0 * idx.float()) / 65535.0 - 1.0
     mids = 0.5 * (code[:-1] + code[1:])
     q = torch.searchsorted(mids, val.reshape(-1).contiguous()).reshape(xb.shape)

@@ -248,6 +248,79 @@ def test_bad_input_errors():
         lo.moe_combine(yp, torch.rand(4, 2), row_map.long(), 4)
 
 
+ROW_MAP_MSG = r"moe_combine: argument 'row_map' must hold rows in \[0, T \* k = 8\) \(or -1"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [8, 9, 10 ** 6, 2 ** 31 - 1, -2, -(2 ** 31)])
+def test_combine_rejects_row_map_out_of_range(device, bad):
+    """An out-of-range row_map entry is an error naming the argument, in every op that takes one
+    (forward, backward, and dispatch's backward, which is the same gather); never a read out of
+    bounds (10**6 segfaulted, T*k read whatever followed y_permuted)."""
+    T, k, H = 4, 2, 16
+    row_map = torch.arange(T * k, dtype=torch.int32).view(T, k).to(device)
+    row_map[2, 1] = bad
+    yp = make((T * k, H), torch.float32, device)
+    w = torch.rand(T, k, device=device)
+    with pytest.raises(RuntimeError, match=ROW_MAP_MSG):
+        lo.moe_combine(yp, w, row_map, T)
+    with pytest.raises(RuntimeError, match=ROW_MAP_MSG):
+        lo.moe_combine(yp, None, row_map, T)
+    with pytest.raises(RuntimeError, match=ROW_MAP_MSG.replace("moe_combine", "moe_combine_bwd")):
+        torch.ops.llmcore.moe_combine_bwd(make((T, H), torch.float32, device), yp, w, row_map)
+    with pytest.raises(RuntimeError, match=f"got row_map\\[2, 1\\] = {bad}"):
+        lo.moe_combine(yp, w, row_map, T)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int64_ids_are_not_wrapped_into_range(device):
+    """int64 topk_ids are narrowed to int32 by saturation: 2**32 + 1 must not become expert 1."""
+    x = make((4, 8), torch.float32, device)
+    ids = torch.tensor([[0, 1], [2, 2 ** 32 + 1], [3, 0], [1, 2]], device=device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"'topk_ids' must hold expert ids in \[0, num_experts=4\)"):
+            lo.moe_dispatch(x, ids, 4)
+    else:  # CUDA drops out-of-range ids (no host sync in dispatch): the slot is -1, not expert 1
+        _, counts, _, row_map = lo.moe_dispatch(x, ids, 4)
+        assert int(row_map[1, 1]) == -1 and int(counts.sum()) == 7
+    logits = make((4, 4), torch.float32, device)
+    with pytest.raises(RuntimeError, match="moe_route_bwd: argument 'topk_ids' must hold expert ids"):
+        torch.ops.llmcore.moe_route_bwd(torch.rand(4, 2, device=device), logits, ids, "softmax", True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_dropped_slots_read_as_zero(device):
+    """-1 (a slot CUDA's moe_dispatch dropped for an out-of-range expert id) contributes nothing,
+    in the kernel and in the reference alike."""
+    T, k, H = 3, 2, 8
+    row_map = torch.tensor([[0, -1], [2, 3], [-1, -1]], dtype=torch.int32, device=device)
+    yp = make((T * k, H), torch.float32, device, requires_grad=True)
+    w = torch.rand(T, k, device=device, requires_grad=True)
+    y = lo.moe_combine(yp, w, row_map, T)
+    yr = lo.moe_combine_reference(yp, w, row_map, T)
+    assert_close(y, yr, name="y")
+    assert_close(y[0], w[0, 0] * yp[0], name="y[0]")
+    assert torch.equal(y[2], torch.zeros(H, device=device))
+    dy = make((T, H), torch.float32, device, seed=4)
+    dyp, dw = torch.autograd.grad(y, (yp, w), dy)
+    dypr, dwr = torch.autograd.grad(yr, (yp, w), dy)
+    assert_close(dw, dwr, name="dweights")
+    used = torch.tensor([0, 2, 3], device=device)
+    assert_close(dyp[used], dypr[used], name="dy_permuted (rows in use)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [8, 10 ** 6, -1])
+def test_route_bwd_rejects_topk_ids_out_of_range(device, bad):
+    """moe_route_bwd indexes the scores by topk_ids: an id outside [0, E) is an error, never an
+    out-of-bounds read or write."""
+    logits = make((4, 8), torch.float32, device)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32, device=device)
+    ids[1, 0] = bad
+    with pytest.raises(RuntimeError, match=r"moe_route_bwd: argument 'topk_ids' must hold expert ids in \[0, num_experts=8\)"):
+        torch.ops.llmcore.moe_route_bwd(torch.rand(4, 2, device=device), logits, ids, "softmax", True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_mix_and_expert_limit_errors():
@@ -406,3 +479,45 @@ def test_bias_update_moves_load_toward_balance():
     b = torch.zeros(3)
     lo.moe_bias_update_(b, torch.tensor([1, 2, 6], dtype=torch.int32), 0.5)
     assert b.tolist() == [0.5, 0.5, -0.5]
+
+
+# ---------------------------------------------------------------- the oracles themselves
+@pytest.mark.parametrize("score,renormalize,with_bias", [("softmax", True, False), ("softmax", False, True),
+                                                         ("sigmoid", True, True), ("sigmoid", False, False)])
+def test_reference_matches_independent_fp64(score, renormalize, with_bias):
+    """The moe references (the kernels' oracles) against independent float64 code: route by
+    torch.topk of the biased scores (random logits: no ties), weights from the unbiased scores;
+    dispatch and combine as plain Python loops over experts and slots."""
+    T, E, k, H = 37, 8, 3, 5
+    logits = make((T, E), torch.float64, "cpu", seed=31, scale=2.0, requires_grad=True)
+    bias = make((E,), torch.float64, "cpu", seed=32, scale=0.3) if with_bias else None
+    w, ids = lo.moe_route_reference(logits, k, score, renormalize, bias)
+    s = torch.softmax(logits, -1) if score == "softmax" else 1 / (1 + torch.exp(-logits))
+    ids_i = torch.topk(s + (bias if with_bias else 0), k, dim=-1).indices
+    w_i = s.gather(-1, ids_i)
+    if renormalize:
+        w_i = w_i / (w_i.sum(-1, keepdim=True) + 1e-20)
+    assert torch.equal(ids.long(), ids_i)
+    assert_close(w, w_i, name="topk_weights")
+    dw = make((T, k), torch.float64, "cpu", seed=33)
+    assert_close(torch.autograd.grad(w, logits, dw)[0], torch.autograd.grad(w_i, logits, dw)[0], name="dlogits")
+
+    x = make((T, H), torch.float64, "cpu", seed=34)
+    xp, counts, offsets, row_map = lo.moe_dispatch_reference(x, ids, E)
+    pos, row_map_i, xp_i = 0, torch.empty(T, k, dtype=torch.long), torch.empty(T * k, H, dtype=torch.float64)
+    for e in range(E):  # expert-major, token order inside an expert
+        for t in range(T):
+            for j in range(k):
+                if int(ids[t, j]) == e:
+                    row_map_i[t, j], xp_i[pos] = pos, x[t]
+                    pos += 1
+    assert torch.equal(row_map.long(), row_map_i) and torch.equal(xp, xp_i)
+    assert counts.tolist() == [int((ids == e).sum()) for e in range(E)]
+    assert offsets.tolist() == [0] + torch.tensor(counts.tolist()).cumsum(0).tolist()
+    yp = make((T * k, H), torch.float64, "cpu", seed=35)
+    y = lo.moe_combine_reference(yp, w.detach(), row_map, T)
+    y_i = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            y_i[t] += w.detach()[t, j] * yp[int(row_map_i[t, j])]
+    assert_close(y, y_i, name="combine")

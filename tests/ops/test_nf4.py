@@ -1,5 +1,7 @@
 """nf4_quantize / nf4_dequantize: bit-exact against the pure-PyTorch reference (always) and against
 bitsandbytes (when installed), first-principles checks of the format, error statistics, bad input."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -321,3 +323,102 @@ def test_matches_bitsandbytes_out_dtypes(out_dtype):
     packed, qs = bnbF.quantize_4bit(w.to(out_dtype), blocksize=64, compress_statistics=True, quant_type="nf4")
     nf = NF4Weight.from_bnb(packed, qs)
     assert torch.equal(lo.nf4_dequantize(nf), bnbF.dequantize_4bit(packed, qs))
+
+
+# ------------------------------------------------------------------ non-finite weights
+
+def _same_or_both_nan(x, y, name):
+    x, y = x.cpu().reshape(-1), y.cpu().reshape(-1)
+    assert x.dtype == y.dtype, name
+    if x.is_floating_point():
+        assert torch.equal(torch.isnan(x), torch.isnan(y)), f"{name}: NaN positions differ"
+        keep = ~torch.isnan(x)
+        x, y = x[keep], y[keep]
+    assert torch.equal(x, y), f"{name} differs"
+
+
+def _non_finite_weight(kind, n=1000, dtype=torch.float32, device="cpu"):
+    """n values (15 full 64-blocks and a partial one of 40); the bad values sit in block 1 and in
+    the partial last block (n = 1000 is even; 999 would also test the odd pad)."""
+    w = _weight((n,), torch.float32, "cpu", seed=5) * 0.1
+    bad = {"nan": [float("nan")], "inf": [float("inf")], "-inf": [float("-inf")],
+           "nan+inf": [float("nan"), float("inf")]}[kind]
+    for j, v in enumerate(bad):
+        w[64 + 3 + j] = v
+        w[n - 2 - j] = v
+    return w.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "nan+inf"])
+@pytest.mark.parametrize("n", [1000, 999])
+def test_non_finite_weights(device, dtype, kind, n):
+    """bitsandbytes' rule (its torch path, which the reference follows): a NaN makes its block's
+    absmax NaN and the whole block NaN; an inf makes absmax inf, so the inf itself comes back as
+    +inf (x / inf = NaN, which takes the top code: the sign is lost, as in bitsandbytes) and every
+    other value of the block as 0 * inf = NaN. Other blocks are untouched. With double quant the
+    offset mean(absmax) is non-finite and the whole tensor dequantizes to NaN. Before the fix a NaN
+    weight came back as -absmax (-2.78 here) and an inf as -inf."""
+    w = _non_finite_weight(kind, n, dtype, device)
+    nf = lo.nf4_quantize(w, 64, double_quant=False)
+    ref = lo.nf4_quantize_reference(w, 64, double_quant=False)
+    for x, y, name in zip(_fields(nf), _fields(ref), ["data", "absmax"]):
+        _same_or_both_nan(x, y, name)
+    d = lo.nf4_dequantize(nf, torch.float32).cpu()
+    _same_or_both_nan(d, lo.nf4_dequantize_reference(nf, torch.float32), "dequantized")
+    wf = w.float().cpu()
+    last = (n // 64) * 64
+    for blk in (slice(64, 128), slice(last, n)):
+        seg, src = d[blk], wf[blk]
+        if "nan" in kind:
+            assert torch.isnan(seg).all(), "a NaN weight must make its whole block NaN"
+        else:
+            assert torch.equal(seg[torch.isinf(src)], torch.full_like(seg[torch.isinf(src)], float("inf")))
+            assert torch.isnan(seg[~torch.isinf(src)]).all()
+    others = torch.ones(n, dtype=torch.bool)
+    others[64:128] = False
+    others[last:] = False
+    assert torch.isfinite(d[others]).all(), "blocks without a non-finite weight must stay finite"
+
+    dq = lo.nf4_quantize(w, 64, double_quant=True)
+    for x, y, name in zip(_fields(dq), _fields(lo.nf4_quantize_reference(w, 64, True)),
+                          ["data", "absmax", "absmax2", "code2", "offset"]):
+        _same_or_both_nan(x, y, name)
+    assert torch.isnan(lo.nf4_dequantize(dq, torch.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "nan+inf"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("n", [1000, 999])
+def test_non_finite_weights_match_bitsandbytes(dtype, kind, double_quant, n):
+    """Bytes, scales and dequantized values as bitsandbytes' CPU quantize_4bit gives them (NaN
+    payloads aside: a NaN matches a NaN). One bitsandbytes quirk is not followed: its bf16
+    dequantize returns 0.0 (its fp32 dequantize NaN) for a trailing partial block whose absmax is
+    NaN; we return NaN in every dtype, so bf16 output is compared through fp32."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    w = _non_finite_weight(kind, n, dtype)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    nf = lo.nf4_quantize(w, 64, double_quant)
+    theirs = NF4Weight.from_bnb(packed, qs)
+    for x, y, name in zip(_fields(nf), _fields(theirs), ["data", "absmax", "absmax2", "code2", "offset"]):
+        _same_or_both_nan(x, y, name)
+    qs32 = copy.copy(qs)
+    qs32.dtype = torch.float32
+    _same_or_both_nan(lo.nf4_dequantize(nf, torch.float32), bnbF.dequantize_4bit(packed, qs32), "dequantized (fp32)")
+    if dtype != torch.bfloat16:
+        _same_or_both_nan(lo.nf4_dequantize(nf), bnbF.dequantize_4bit(packed, qs), "dequantized")
+
+
+def test_reference_matches_bitsandbytes():
+    """nf4_quantize_reference / nf4_dequantize_reference (the kernels' oracle, compared with them
+    bit for bit above) against bitsandbytes directly, so the two cannot share a format bug."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    for dq in (False, True):
+        for shape, bs in (((127, 65), 64), ((33, 1031), 128), ((999,), 32)):
+            w = _weight(shape, torch.float32, "cpu", seed=bs)
+            packed, qs = bnbF.quantize_4bit(w, blocksize=bs, compress_statistics=dq, quant_type="nf4")
+            ref = lo.nf4_quantize_reference(w, bs, dq)
+            _assert_same_nf4(ref, NF4Weight.from_bnb(packed, qs))
+            assert torch.equal(lo.nf4_dequantize_reference(ref), _bnb_dequantize(bnbF, packed, qs, shape))

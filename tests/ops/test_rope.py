@@ -402,3 +402,52 @@ def test_rope_16bit_conversions_exact(dtype):
     expect, _ = lo.rope_reference(q, q[:, :, :0], cos, sin)
     same = (qo.view(torch.int16) == expect.view(torch.int16)) | (torch.isnan(qo) & torch.isnan(expect))
     assert bool(same.all()), f"{int((~same).sum())} values differ"
+
+
+# ---------------------------------------------------------------- the oracle itself
+def _meta_apply_rotary_emb(xq, xk, freqs_cis):
+    """Meta Llama's apply_rotary_emb (llama/model.py), verbatim but for the reshape of freqs_cis:
+    adjacent pairs as complex numbers times e^{i angle}."""
+    xq_ = torch.view_as_complex(xq.reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.reshape(*xk.shape[:-1], -1, 2))
+    fc = freqs_cis[:, :, None, :]  # (B|1, S, 1, D/2)
+    return torch.view_as_real(xq_ * fc).flatten(3), torch.view_as_real(xk_ * fc).flatten(3)
+
+
+@pytest.mark.parametrize("pos_form", ["none", "offset", "tensor"])
+def test_reference_matches_independent_fp64(pos_form):
+    """rope_reference (the kernels' oracle) in float64 against transformers' apply_rotary_pos_emb
+    (rotate-half layout) and Meta's complex-number apply_rotary_emb (interleaved layout), forward
+    and gradients, on fp64 tables built here from the angles, so kernel and oracle cannot share a bug."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, S, Hq, Hk, D, theta, max_pos = 2, 37, 4, 2, 32, 1e4, 128
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)  # (max_pos, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    if pos_form == "none":
+        positions, pos = None, torch.arange(S)[None]
+    elif pos_form == "offset":
+        positions, pos = 50, (torch.arange(S) + 50)[None]
+    else:
+        pos = torch.stack([torch.randperm(max_pos, generator=torch.Generator().manual_seed(0))[:S], torch.arange(S)])
+        positions = pos
+    q = make((B, S, Hq, D), torch.float64, "cpu", seed=1, requires_grad=True)
+    k = make((B, S, Hk, D), torch.float64, "cpu", seed=2, requires_grad=True)
+    dq, dk = make(q.shape, torch.float64, "cpu", seed=3), make(k.shape, torch.float64, "cpu", seed=4)
+    for interleaved in (False, True):
+        qr, kr = lo.rope_reference(q, k, cos, sin, positions, interleaved)
+        if interleaved:
+            qi, ki = _meta_apply_rotary_emb(q, k, torch.polar(torch.ones_like(angles), angles)[pos])
+        else:
+            emb = torch.cat([angles, angles], -1)[pos]  # HF's (B, S, D) tables: [freqs | freqs]
+            qi, ki = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), emb.cos(), emb.sin())
+            qi, ki = qi.transpose(1, 2), ki.transpose(1, 2)
+        name = "Meta complex" if interleaved else "HF rotate_half"
+        assert_close(qr, qi, name=f"q vs {name}")
+        assert_close(kr, ki, name=f"k vs {name}")
+        ga = torch.autograd.grad((qr, kr), (q, k), (dq, dk))
+        gi = torch.autograd.grad((qi, ki), (q, k), (dq, dk))
+        for a, b, nm in zip(ga, gi, ("dq", "dk")):
+            assert_close(a, b, name=f"{nm} vs {name}")

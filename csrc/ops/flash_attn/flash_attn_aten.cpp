@@ -4,6 +4,9 @@
 //   flash_attn_varlen_fwd / flash_attn_varlen_bwd   packed (total, H, D) + cu_seqlens
 //   flash_attn_with_kvcache                         in-place append + attention over the cache
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -406,7 +409,38 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(const at::Tensor& q_,
 #endif
 }
 
+// The Autograd kernel of flash_attn_with_kvcache: the op is inference-only (no backward), so with
+// grad mode on an input that requires grad is refused here, before the cache is written — not an
+// output whose backward fails (or silently leaves q without a gradient) later. Otherwise it
+// redispatches to the device kernel above.
+std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_autograd(const at::Tensor& q, at::Tensor& k_cache,
+                                                                    at::Tensor& v_cache,
+                                                                    const at::Tensor& cache_seqlens,
+                                                                    const c10::optional<at::Tensor>& k_new,
+                                                                    const c10::optional<at::Tensor>& v_new,
+                                                                    double softmax_scale, bool causal) {
+  if (at::GradMode::is_enabled()) {
+    const std::pair<const at::Tensor*, const char*> args[] = {
+        {&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+        {k_new.has_value() ? &*k_new : nullptr, "k_new"}, {v_new.has_value() ? &*v_new : nullptr, "v_new"}};
+    for (const auto& [t, name] : args)
+      LLMCORE_CHECK(!(t && t->defined() && t->requires_grad()),
+                    "flash_attn_with_kvcache is inference-only (no backward): argument '", name,
+                    "' requires grad. Call it under torch.no_grad() / torch.inference_mode(), or use flash_attn "
+                    "(which has a backward) to train");
+  }
+  at::AutoDispatchBelowAutograd below;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("llmcore::flash_attn_with_kvcache", "")
+                             .typed<decltype(flash_attn_with_kvcache)>();
+  return op.call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, causal);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(llmcore, Autograd, m) {
+  m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_autograd);
+}
 
 TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd);

@@ -293,12 +293,21 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
 #pragma GCC unroll 4
         for (int x = 0; x < BK / 16; ++x) sv[x] = mask_tail(_mm512_mul_ps(_mm512_loadu_ps(si + 16 * x), qmul), x, lim);
         const float mx = hmax(_mm512_max_ps(_mm512_max_ps(sv[0], sv[1]), _mm512_max_ps(sv[2], sv[3])));
-        const float mnew = std::max(mrow[i], mx);
+        float mnew = std::max(mrow[i], mx);
         uint16_t* pb = Pb + i * BK;
-        if (mnew == ninf) {  // nothing visible yet in this row: P = 0
-          _mm512_storeu_si512(pb, _mm512_setzero_si512());
-          _mm512_storeu_si512(pb + 32, _mm512_setzero_si512());
-          continue;
+        if (mnew == ninf) {
+          const __mmask16 nan = _mm512_cmp_ps_mask(sv[0], sv[0], _CMP_UNORD_Q) |
+                                _mm512_cmp_ps_mask(sv[1], sv[1], _CMP_UNORD_Q) |
+                                _mm512_cmp_ps_mask(sv[2], sv[2], _CMP_UNORD_Q) |
+                                _mm512_cmp_ps_mask(sv[3], sv[3], _CMP_UNORD_Q);
+          if (!nan) {  // nothing visible yet in this row: P = 0
+            _mm512_storeu_si512(pb, _mm512_setzero_si512());
+            _mm512_storeu_si512(pb + 32, _mm512_setzero_si512());
+            continue;
+          }
+          // every visible score NaN (NaN in q or k; vmaxps / std::max drop NaN): the row is NaN,
+          // not masked. (Some NaN among finite scores needs nothing: exp2 puts it into l.)
+          mnew = std::numeric_limits<float>::quiet_NaN();
         }
         const __m512 mv = _mm512_set1_ps(mnew);
         __m512 sum = _mm512_setzero_ps();

@@ -31,6 +31,7 @@ namespace {
 using namespace fa;
 
 constexpr int kBN = 64, kThreads = 128;
+constexpr int kAuxThreads = 256;  // the delta and dq-conversion kernels' blocks (__launch_bounds__)
 
 struct BwdArgs {
   FlashAttnParams p;
@@ -40,7 +41,7 @@ struct BwdArgs {
 
 
 template <typename T>
-__global__ void __launch_bounds__(256) fa_bwd_delta_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(kAuxThreads) fa_bwd_delta_kernel(const BwdArgs a) {
   const FlashAttnParams& p = a.p;
   const int64_t pair = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;  // row * Hq + h
   const int lane = threadIdx.x % 32;
@@ -55,7 +56,7 @@ __global__ void __launch_bounds__(256) fa_bwd_delta_kernel(const BwdArgs a) {
 }
 
 template <typename T>
-__global__ void fa_bwd_dq_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(kAuxThreads) fa_bwd_dq_kernel(const BwdArgs a) {
   const int64_t n = a.p.total_q * a.p.heads_q * a.p.head_dim;
   const float* src = static_cast<const float*>(a.p.dq_accum);
   T* dst = static_cast<T*>(a.p.dq);
@@ -274,7 +275,8 @@ cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   constexpr int BM = BwdTile<D>::BM;
   const FlashAttnParams& p = a.p;
   const int64_t pairs = p.total_q * p.heads_q;
-  fa_bwd_delta_kernel<T><<<static_cast<unsigned>((pairs * 32 + 255) / 256), 256, 0, stream>>>(a);
+  fa_bwd_delta_kernel<T><<<static_cast<unsigned>((pairs * 32 + kAuxThreads - 1) / kAuxThreads), kAuxThreads, 0,
+                           stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int smem = (2 * kBN * (D + 8) + 4 * BM * (D + 8) + kBN * (BM + 8)) * static_cast<int>(sizeof(T)) +
@@ -288,8 +290,8 @@ cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t n = pairs * p.head_dim;
-  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
-  fa_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a);
+  const int64_t blocks = std::min<int64_t>((n + kAuxThreads - 1) / kAuxThreads, 65535);
+  fa_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), kAuxThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

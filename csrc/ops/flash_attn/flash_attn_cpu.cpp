@@ -8,7 +8,8 @@
 //   when several query blocks share a kv head, fp32 tiles converted once by flash_attn_pack_kv_cpu),
 //   S = Q K^T, mask the diagonal block / the sequence tail, online softmax per row
 //   (running max m, running sum l, O *= exp2(m_old - m_new)), O += P V.  out = O / l,
-//   lse = (m + log2 l) * ln 2.  A row with no visible key: out = 0, lse = -inf.
+//   lse = (m + log2 l) * ln 2.  A row with no visible key: out = 0, lse = -inf. A NaN score (NaN in
+//   q or k) makes the running max NaN, hence l, out and lse of that row NaN (never "masked").
 // Backward, one work item = (sequence b, kv head, split of the key blocks): for each key block it
 //   owns, for each q head of the GQA group and each query block that sees it: recompute
 //   P = exp2(S - lse * log2 e), dV += P^T dO, dP = dO V^T, dS = scale * P (dP - rowsum(dO * O)),
@@ -192,10 +193,15 @@ LLMCORE_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t e
         const int64_t lim = diag ? std::min<int64_t>(n, i0 + i + off - j0 + 1) : n;  // visible: jj < lim
         for (int jj = static_cast<int>(std::max<int64_t>(lim, 0)); jj < BK; ++jj) si[jj] = ninf;
         const A mx = max_row(si);
-        const A mnew = std::max(mrow[i], mx);
-        if (mnew == ninf) {  // nothing visible yet in this row: P = 0
-          std::fill(si, si + BK, A(0));
-          continue;
+        A mnew = std::max(mrow[i], mx);
+        if (mnew == ninf) {
+          if (!has_nan_row(si)) {  // nothing visible yet in this row: P = 0
+            std::fill(si, si + BK, A(0));
+            continue;
+          }
+          // every visible score NaN (NaN in q or k; the maxes above drop NaN): the row is NaN, not
+          // masked. (Some NaN among finite scores needs nothing: exp2(NaN - m) puts it into l.)
+          mnew = std::numeric_limits<A>::quiet_NaN();
         }
         const A alpha = mrow[i] == ninf ? A(0) : A(std::exp2(mrow[i] - mnew));
         const A rs = exp2_row(si, mnew);

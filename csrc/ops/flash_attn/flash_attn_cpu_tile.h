@@ -74,6 +74,8 @@ LLMCORE_INLINE float exp2_row(float* s, float m) {
   for (int x = 0; x < 16; ++x) r += sum[x];
   return r;
 }
+// Row max; a NaN may or may not win (lane order), so callers that see a max of -inf check
+// has_nan_row before concluding "nothing visible" (a NaN score must make the row NaN).
 LLMCORE_INLINE float max_row(const float* s) {
   v16f m = vload(s);
 #pragma GCC unroll 4
@@ -89,6 +91,12 @@ LLMCORE_INLINE double max_row(const double* s) {
   double r = s[0];
   for (int j = 1; j < BK; ++j) r = s[j] > r ? s[j] : r;
   return r;
+}
+template <typename A>
+LLMCORE_INLINE bool has_nan_row(const A* s) {
+  bool nan = false;
+  for (int j = 0; j < BK; ++j) nan |= s[j] != s[j];
+  return nan;
 }
 LLMCORE_INLINE double exp2_row(double* s, double m) {
   double r = 0;

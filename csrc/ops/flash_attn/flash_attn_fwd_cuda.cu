@@ -25,7 +25,8 @@
 // (flash-decoding), each split writes an fp32 partial output normalized by its own sum plus its
 // lse, and fa_combine_kernel merges them: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) O_s.
 // Numerics: fp32 accumulators for S, O, m, l; exp2f; out rounded once to the input dtype.
-// Fully masked rows (no visible key) keep m = -inf, l = 0 and write out = 0, lse = -inf.
+// Fully masked rows (no visible key) keep m = -inf, l = 0 and write out = 0, lse = -inf; a NaN
+// score (NaN in q or k) makes l NaN and so out and lse of that row NaN (also through the combine).
 #include "flash_attn/flash_attn.h"
 #include "flash_attn/flash_attn_cuda_common.cuh"
 
@@ -207,8 +208,10 @@ __global__ void __launch_bounds__(kThreads) fa_fwd_kernel(const FwdArgs args) {
     float l = l_r[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (m_r[r] + __log2f(l)) * kLn2 : -INFINITY;
+    // l == 0: no visible key (out 0, lse -inf). A NaN score (NaN in q or k) made l NaN: out and lse
+    // NaN too (fmaxf dropped the NaN from m, but exp2f(NaN - m) put it into l).
+    const float inv = l == 0.f ? 0.f : 1.f / l;
+    const float lse = l == 0.f ? -INFINITY : (m_r[r] + __log2f(l)) * kLn2;
     const int R = m0 + warp * 16 + g + 8 * r;
     if (R >= rows) continue;
     const int i = R / pg, h = pg > 1 ? hb * pg + R % pg : hb;
@@ -237,11 +240,21 @@ __global__ void __launch_bounds__(D) fa_combine_kernel(const FwdArgs args) {
   const int64_t rows_per_split = p.batch * p.heads_q * p.seqlen_q;
   const int ns = args.num_splits;
   float mx = -INFINITY;
-  for (int sp = 0; sp < ns; ++sp) mx = fmaxf(mx, args.partial_lse[sp * rows_per_split + row]);
+  bool nan = false;  // a split whose row went NaN (NaN in q or k): the merged row is NaN
+  for (int sp = 0; sp < ns; ++sp) {
+    const float l = args.partial_lse[sp * rows_per_split + row];
+    mx = fmaxf(mx, l);
+    nan |= isnan(l);
+  }
   const int i = static_cast<int>(row % p.seqlen_q);
   const int64_t bh = row / p.seqlen_q;
   const int h = static_cast<int>(bh % p.heads_q), b = static_cast<int>(bh / p.heads_q);
   T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.seqlen_q + i) * p.heads_q + h) * D;
+  if (nan) {
+    out[threadIdx.x] = from_float<T>(__int_as_float(0x7fc00000));
+    if (threadIdx.x == 0) static_cast<float*>(p.lse)[row] = __int_as_float(0x7fc00000);
+    return;
+  }
   if (mx == -INFINITY) {  // no split saw a key
     out[threadIdx.x] = from_float<T>(0.f);
     if (threadIdx.x == 0) static_cast<float*>(p.lse)[row] = -INFINITY;
@@ -260,7 +273,9 @@ __global__ void __launch_bounds__(D) fa_combine_kernel(const FwdArgs args) {
 }
 
 // In-place append: one thread per element (the append is a few rows; no alignment demands).
-__global__ void fa_kv_append_kernel(const KvAppendParams a, int64_t cache_len) {
+constexpr int kAppendThreads = 256;
+
+__global__ void __launch_bounds__(kAppendThreads) fa_kv_append_kernel(const KvAppendParams a, int64_t cache_len) {
   const int64_t total = a.batch * a.s_new * a.heads_kv * a.head_dim;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -346,9 +361,8 @@ cudaError_t flash_attn_decode_cuda(const FlashAttnParams& p, int64_t num_splits,
 cudaError_t flash_attn_kv_append_cuda(const KvAppendParams& a, cudaStream_t stream) {
   const int64_t total = a.batch * a.s_new * a.heads_kv * a.head_dim;
   if (total == 0) return cudaSuccess;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
-  fa_kv_append_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, a.cache_len);
+  const int64_t blocks = std::min<int64_t>((total + kAppendThreads - 1) / kAppendThreads, 4096);
+  fa_kv_append_kernel<<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(a, a.cache_len);
   return cudaGetLastError();
 }
 

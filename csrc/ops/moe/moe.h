@@ -23,8 +23,11 @@
 //   deterministic. Backward: dy_permuted[row_map[t*k+s]] = w[t,s] * dy[t] (each row written once);
 //   dw[t, s] = dot(dy[t], y_permuted[row_map[t*k + s]]) in fp32.
 //
-// Index tensors are int32. A row_map entry < 0 (only possible on CUDA for an out-of-range expert
-// id, which the CPU path rejects) is skipped by every kernel.
+// Index tensors are int32. A row_map entry -1 (only possible on CUDA for an out-of-range expert
+// id, which the CPU path rejects) is a dropped slot: it reads and writes nothing. The ATen layer
+// rejects any other entry outside [0, T*k) (and topk_ids outside [0, E) in moe_route_bwd) before a
+// kernel runs; the kernels still skip such entries (they never touch memory outside the tensors),
+// which is what protects a CUDA graph capture, where the host check cannot run.
 #pragma once
 #include <cstdint>
 
@@ -75,7 +78,7 @@ struct MoeRowsParams {
   const void* src;
   void* dst;
   const void* weights;      // (T, k) fp32 (fp64 for float64) or nullptr (weights 1)
-  const int32_t* row_map;   // (T, k)
+  const int32_t* row_map;   // (T, k), entries in [0, T*k) or -1 (dropped); others are skipped
   int64_t tokens = 0, k = 0, hidden = 0, src_row_stride = 0;
   DType dtype = DType::Float32;
 };
@@ -84,7 +87,7 @@ struct MoeCombineBwdParams {
   const void* dy;           // (T, H) contiguous
   const void* y_permuted;   // (T*k, H) contiguous
   const void* weights;      // (T, k) fp32 (fp64 for float64)
-  const int32_t* row_map;   // (T, k)
+  const int32_t* row_map;   // (T, k), entries in [0, T*k) or -1 (dropped); others are skipped
   void* dy_permuted;        // (T*k, H) contiguous
   void* dweights;           // (T, k) fp32 (fp64 for float64)
   int64_t tokens = 0, k = 0, hidden = 0;

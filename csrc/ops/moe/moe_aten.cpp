@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <limits>
 
 #include "common/alloc.h"
 #include "common/checks.h"
@@ -27,6 +28,13 @@ void check_index(const at::Tensor& t, const char* name) {
                 "' must be int32 or int64, got ", t.scalar_type());
 }
 
+// topk_ids as contiguous int32. int64 ids are saturated, not wrapped, so an id >= 2^31 stays out of
+// range (a plain cast would turn 2^32 + 1 into the valid id 1).
+at::Tensor ids_as_int32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kInt) return t.contiguous();
+  return t.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()).to(at::kInt).contiguous();
+}
+
 void check_experts_on_device(const at::Tensor& t, int64_t experts, const char* what) {
 #ifdef LLMCORE_WITH_CUDA
   if (t.is_cuda())
@@ -34,6 +42,45 @@ void check_experts_on_device(const at::Tensor& t, int64_t experts, const char* w
                   " experts, got ", experts);
 #endif
   (void)t, (void)experts, (void)what;
+}
+
+// Every entry of the contiguous int32 index tensor `idx` (T, k) must lie in [0, hi), or be -1 when
+// `dropped_ok` (a slot CUDA's moe_dispatch dropped). The kernels index memory with these values,
+// so this runs before any of them. CPU: one pass over the T*k indices, negligible next to the T*k
+// rows of H values they select. CUDA: one aminmax over the indices on the device and a host sync
+// (the error has to be raised before the launch): a few microseconds of kernel plus the wait for
+// the work already queued on the stream, per call. While the stream is being captured into a CUDA
+// graph no sync is allowed, so the check is skipped there; the kernels skip out-of-range entries
+// all the same, so nothing is ever read or written out of bounds.
+void check_index_range(const at::Tensor& idx, int64_t hi, bool dropped_ok, const char* op, const char* name,
+                       const char* what) {
+  if (idx.numel() == 0) return;
+  const int64_t lo = dropped_ok ? -1 : 0;
+  at::Tensor host = idx;
+#ifdef LLMCORE_WITH_CUDA
+  if (idx.is_cuda()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    LLMCORE_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture), "cudaStreamIsCapturing");
+    if (capture != cudaStreamCaptureStatusNone) return;
+    auto mm = at::aminmax(idx);
+    const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
+    const int32_t* b = both.data_ptr<int32_t>();
+    if (b[0] >= lo && b[1] < hi) return;
+    host = idx.cpu();  // the error path only: find the first bad entry for the message
+  }
+#endif
+  const int32_t* v = host.data_ptr<int32_t>();
+  const int64_t n = host.numel(), k = host.size(1);
+  int64_t bad = -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (v[i] < lo || v[i] >= hi) {
+      bad = i;
+      break;
+    }
+  if (bad < 0) return;
+  LLMCORE_CHECK(false, op, ": argument '", name, "' must hold ", what, hi, ")",
+                dropped_ok ? " (or -1 for a slot moe_dispatch dropped)" : "", ", got ", name, "[", bad / k, ", ",
+                bad % k, "] = ", v[bad]);
 }
 
 [[noreturn]] void no_cuda(const at::Tensor& t) {
@@ -96,7 +143,8 @@ at::Tensor moe_route_bwd(const at::Tensor& dweights, const at::Tensor& logits, c
   check_same_device(logits, "router_logits", ids, "topk_ids");
   check_same_device(logits, "router_logits", dweights, "dweights");
   const MoeScore sc = parse_score(score);
-  at::Tensor l2 = as_rows(logits, E), id = ids.to(at::kInt).contiguous();
+  at::Tensor l2 = as_rows(logits, E), id = ids_as_int32(ids);
+  check_index_range(id, E, false, "moe_route_bwd", "topk_ids", "expert ids in [0, num_experts=");
   at::Tensor dw = dweights.to(acc_dtype(logits)).contiguous();
   at::Tensor dl = at::empty({T, E}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   MoeRouteBwdParams p;
@@ -138,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_fwd(cons
   LLMCORE_CHECK(num_experts >= 1, "argument 'num_experts' must be >= 1, got ", num_experts);
   LLMCORE_CHECK(T * k < (int64_t(1) << 31), "moe_dispatch: T * k must be < 2^31, got ", T * k);
   check_experts_on_device(x, num_experts, "moe_dispatch");
-  at::Tensor x2 = as_rows(x, H), ids = topk_ids.to(at::kInt).contiguous();
+  at::Tensor x2 = as_rows(x, H), ids = ids_as_int32(topk_ids);
   auto iopts = x.options().dtype(at::kInt);
   at::Tensor xp = empty_output({T * k, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor tpe = at::empty({num_experts}, iopts), offsets = at::empty({num_experts + 1}, iopts);
@@ -166,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_fwd(cons
       if (!moe_sort_histogram_cpu(sp, c0, c1)) ok = false;
     });
     LLMCORE_CHECK(ok.load(), "argument 'topk_ids' must hold expert ids in [0, num_experts=", num_experts,
-                  "), got min ", ids.min().item<int64_t>(), " max ", ids.max().item<int64_t>());
+                  "), got min ", topk_ids.min().item<int64_t>(), " max ", topk_ids.max().item<int64_t>());
     moe_sort_scan_cpu(sp);
     at::parallel_for(0, sp.num_chunks, 1, [&](int64_t c0, int64_t c1) { moe_sort_scatter_cpu(sp, c0, c1); });
     if (H > 0)
@@ -219,6 +267,7 @@ at::Tensor moe_combine_fwd(const at::Tensor& y_permuted, const c10::optional<at:
                 " rows (one per routed pair), got shape ", y_permuted.sizes());
   at::Tensor w = prepare_weights(topk_weights, y_permuted, "y_permuted", T, k);
   at::Tensor yp = y_permuted.contiguous(), rm = row_map.contiguous();
+  check_index_range(rm, T * k, true, "moe_combine", "row_map", "rows in [0, T * k = ");
   at::Tensor y = empty_output({T, H}, y_permuted.options().memory_format(at::MemoryFormat::Contiguous));
   MoeRowsParams p;
   p.src = yp.data_ptr();
@@ -255,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd(const at::Tensor& dy, const a
   check_shape(y_permuted, "y_permuted", {T * k, H});
   at::Tensor w = prepare_weights(topk_weights, y_permuted, "y_permuted", T, k);
   at::Tensor dy2 = dy.contiguous(), yp = y_permuted.contiguous(), rm = row_map.contiguous();
+  check_index_range(rm, T * k, true, "moe_combine_bwd", "row_map", "rows in [0, T * k = ");
   at::Tensor dyp = empty_output({T * k, H}, y_permuted.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dw = at::empty({T, k}, w.options());
   MoeCombineBwdParams p;

@@ -88,15 +88,21 @@ LLMCORE_INLINE void route_bwd(const MoeRouteBwdParams& p, int64_t t0, int64_t t1
     const int32_t* ids = p.ids + t * k;
     T* dl = static_cast<T*>(p.dlogits) + t * E;
     row_scores(l, E, p.score, s.data());
+    // Ids outside [0, E) were rejected by the ATen layer; skipped here all the same (no access).
+    auto valid = [E](int32_t e) { return e >= 0 && e < E; };
     A sum = 0, dot = 0;
-    for (int64_t j = 0; j < k; ++j) sum += s[ids[j]];
+    for (int64_t j = 0; j < k; ++j)
+      if (valid(ids[j])) sum += s[ids[j]];
     const A denom = sum + A(1e-20);
-    for (int64_t j = 0; j < k; ++j) dot += s[ids[j]] / denom * dw[j];
+    for (int64_t j = 0; j < k; ++j)
+      if (valid(ids[j])) dot += s[ids[j]] / denom * dw[j];
     for (int64_t e = 0; e < E; ++e) g[e] = 0;
-    for (int64_t j = 0; j < k; ++j) g[ids[j]] = p.renormalize ? (dw[j] - dot) / denom : dw[j];
+    for (int64_t j = 0; j < k; ++j)
+      if (valid(ids[j])) g[ids[j]] = p.renormalize ? (dw[j] - dot) / denom : dw[j];
     if (p.score == MoeScore::Softmax) {
       A c = 0;
-      for (int64_t j = 0; j < k; ++j) c += s[ids[j]] * g[ids[j]];
+      for (int64_t j = 0; j < k; ++j)
+        if (valid(ids[j])) c += s[ids[j]] * g[ids[j]];
       for (int64_t e = 0; e < E; ++e) dl[e] = narrow<T>(s[e] * (g[e] - c));
     } else {
       for (int64_t e = 0; e < E; ++e) dl[e] = narrow<T>(g[e] * s[e] * (A(1) - s[e]));
@@ -116,12 +122,13 @@ LLMCORE_INLINE void combine_rows(const MoeRowsParams& p, int64_t t0, int64_t t1)
   // the same additions in the same order as zero-fill + k adds + copy, with k + 2 passes fewer.
   std::vector<const T*> rows(k);
   std::vector<A> ws(k);
+  const int64_t rows_total = p.tokens * k;
   for (int64_t t = t0; t < t1; ++t) {
     T* dst = static_cast<T*>(p.dst) + t * H;
     int64_t n = 0;
     for (int64_t s = 0; s < k; ++s) {
       const int64_t r = p.row_map[t * k + s];
-      if (r < 0) continue;
+      if (r < 0 || r >= rows_total) continue;  // dropped (-1); others were rejected by the ATen layer
       rows[n] = static_cast<const T*>(p.src) + r * p.src_row_stride;
       ws[n++] = wts ? wts[t * k + s] : A(1);
     }
@@ -171,7 +178,7 @@ LLMCORE_INLINE void combine_bwd(const MoeCombineBwdParams& p, int64_t t0, int64_
     const T* dy = static_cast<const T*>(p.dy) + t * H;
     for (int64_t s = 0; s < k; ++s) {
       const int64_t r = p.row_map[t * k + s];
-      if (r < 0) {
+      if (r < 0 || r >= p.tokens * k) {
         dwts[t * k + s] = 0;
         continue;
       }
@@ -248,7 +255,7 @@ void moe_dispatch_rows_cpu(const MoeRowsParams& p, int64_t t_begin, int64_t t_en
   for (int64_t t = t_begin; t < t_end; ++t)
     for (int64_t s = 0; s < p.k; ++s) {
       const int64_t r = p.row_map[t * p.k + s];
-      if (r >= 0) std::memcpy(dst + r * row_bytes, src + t * p.src_row_stride * es, row_bytes);
+      if (r >= 0 && r < p.tokens * p.k) std::memcpy(dst + r * row_bytes, src + t * p.src_row_stride * es, row_bytes);
     }
 }
 

@@ -125,22 +125,25 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_bwd_kernel(MoeRout
   const float* dw = static_cast<const float*>(p.dweights) + t * k;
   const int32_t* ids = p.ids + t * k;
   T* dl = static_cast<T*>(p.dlogits) + t * E;
+  // Ids outside [0, E) are rejected by the host check; skipped here all the same (no access).
+  auto valid = [E](int e) { return e >= 0 && e < E; };
   float sum = 0.f;
-  for (int j = lane; j < k; j += 32) sum += score(ids[j]);
+  for (int j = lane; j < k; j += 32) sum += valid(ids[j]) ? score(ids[j]) : 0.f;
   const float denom = warp_sum(sum) + 1e-20f;
   float dot = 0.f;
-  for (int j = lane; j < k; j += 32) dot += score(ids[j]) / denom * dw[j];
+  for (int j = lane; j < k; j += 32) dot += valid(ids[j]) ? score(ids[j]) / denom * dw[j] : 0.f;
   dot = warp_sum(dot);
   float c = 0.f;
   if (score.softmax) {
-    for (int j = lane; j < k; j += 32) c += score(ids[j]) * (p.renormalize ? (dw[j] - dot) / denom : dw[j]);
+    for (int j = lane; j < k; j += 32)
+      c += valid(ids[j]) ? score(ids[j]) * (p.renormalize ? (dw[j] - dot) / denom : dw[j]) : 0.f;
     c = warp_sum(c);
   }
   for (int e = lane; e < E; e += 32) dl[e] = from_f32<T>(score.softmax ? score(e) * (0.f - c) : 0.f);
   __syncwarp();  // the selected entries below overwrite the ones just written by other lanes
   for (int j = lane; j < k; j += 32) {
     const int e = ids[j];
-    if (e < 0 || e >= E) continue;
+    if (!valid(e)) continue;
     const float s = score(e), g = p.renormalize ? (dw[j] - dot) / denom : dw[j];
     dl[e] = from_f32<T>(score.softmax ? s * (g - c) : g * s * (1.f - s));
   }
@@ -283,12 +286,13 @@ __global__ void __launch_bounds__(kRowThreads) moe_dispatch_rows_kernel(MoeRowsP
   const U* src = static_cast<const U*>(p.src) + t * src_stride_units;
   U* dst = static_cast<U*>(p.dst);
   const int32_t* rm = p.row_map + t * p.k;
+  const int64_t rows = p.tokens * p.k;
   for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {
     const U v = src[i];
 #pragma unroll 4
     for (int64_t s = 0; s < p.k; ++s) {
       const int64_t r = rm[s];
-      if (r >= 0) dst[r * units + i] = v;
+      if (r >= 0 && r < rows) dst[r * units + i] = v;
     }
   }
 }
@@ -301,6 +305,7 @@ __global__ void __launch_bounds__(kRowThreads) moe_combine_rows_kernel(MoeRowsPa
   const T* src = static_cast<const T*>(p.src);
   const float* w = p.weights ? static_cast<const float*>(p.weights) + t * k : nullptr;
   const int32_t* rm = p.row_map + t * k;
+  const int64_t rows = p.tokens * k;
   T* dst = static_cast<T*>(p.dst) + t * p.hidden;
   for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
     float acc[VEC];
@@ -309,7 +314,7 @@ __global__ void __launch_bounds__(kRowThreads) moe_combine_rows_kernel(MoeRowsPa
 #pragma unroll 4  // several independent row loads in flight (k is 1..8 in practice)
     for (int64_t s = 0; s < k; ++s) {
       const int64_t r = rm[s];
-      if (r < 0) continue;
+      if (r < 0 || r >= rows) continue;  // dropped (-1); others: rejected by the host check
       const float ws = w ? w[s] : 1.f;
       const VecN<T, VEC> v = load_vec<T, VEC>(src + r * p.src_row_stride + i * VEC);
 #pragma unroll
@@ -330,7 +335,8 @@ __global__ void __launch_bounds__(kRowThreads) moe_combine_bwd_kernel(MoeCombine
   const int64_t H = p.hidden, nvec = H / VEC, k = p.k;
   const T* dy = static_cast<const T*>(p.dy) + (active ? t : 0) * H;
   for (int64_t s = 0; s < k; ++s) {
-    const int64_t r = active ? p.row_map[t * k + s] : -1;
+    int64_t r = active ? p.row_map[t * k + s] : -1;
+    r = r < p.tokens * k ? r : -1;  // out of range (rejected by the host check): skipped
     float dot = 0.f;
     if (r >= 0) {
       const float ws = static_cast<const float*>(p.weights)[t * k + s];

@@ -16,8 +16,12 @@
 //   or 128 (fp32) bytes of output. Partial-block tails (and float64) use the scalar table loop.
 //   About 16 GB/s from one core, i.e. the store bandwidth (bench/RESULTS.md).
 // Numerics: all fp32; products that bitsandbytes rounds separately are kept unfused (no FMA
-//   contraction: see unfused_mul).
+//   contraction: see unfused_mul). Non-finite weights follow bitsandbytes too: a NaN makes the
+//   block's absmax NaN (torch's max) and every code 15 (bucketize puts NaN last); an inf makes
+//   absmax inf, so the inf scales to NaN (code 15, dequantized +inf) and the rest to 0 (code 7,
+//   dequantized 0 * inf = NaN). The 8-bit step ignores NaN in its max and maps NaN to index 0.
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "common/cpu_utils.h"
@@ -92,21 +96,38 @@ LLMCORE_INLINE void quantize_block(const Nf4QuantizeParams& p, int64_t b, const 
   const T* w = static_cast<const T*>(p.w);
   const int64_t i0 = b * p.blocksize, i1 = imin2(i0 + p.blocksize, p.n), len = i1 - i0;
   float am = 0.f;
-#pragma omp simd reduction(max : am)
-  for (int64_t i = i0; i < i1; ++i) am = fmax2(am, std::fabs(widen(w[i])));
-  const float den = fmax2(am, tiny_absmax());
+  int nan = 0;
+#pragma omp simd reduction(max : am) reduction(| : nan)
+  for (int64_t i = i0; i < i1; ++i) {
+    const float a = std::fabs(widen(w[i]));
+    am = fmax2(am, a);
+    nan |= a != a;
+  }
+  if (nan) am = std::numeric_limits<float>::quiet_NaN();  // torch's max, as bitsandbytes: NaN wins
+  const float den = fmax2(am, tiny_absmax());  // keeps a NaN (the comparison is false)
   const bool partial = len < p.blocksize;
   p.absmax[b] = partial ? den : am;
   const float inv = 1.0f / den;
   uint8_t codes[4096 + 1];
+  if (am <= std::numeric_limits<float>::max()) {  // finite block (the common case): no x is NaN
 #pragma omp simd
-  for (int64_t k = 0; k < len; ++k) {
-    const float v = widen(w[i0 + k]);
-    float x = partial ? v / den : v * inv;
-    x = fmin2(fmax2(x, -1.0f), 1.0f);
-    int q = 0;
-    for (int j = 0; j < 15; ++j) q += x > mids[j] ? 1 : 0;
-    codes[k] = static_cast<uint8_t>(q);
+    for (int64_t k = 0; k < len; ++k) {
+      const float v = widen(w[i0 + k]);
+      float x = partial ? v / den : v * inv;
+      x = fmin2(fmax2(x, -1.0f), 1.0f);
+      int q = 0;
+      for (int j = 0; j < 15; ++j) q += x > mids[j] ? 1 : 0;
+      codes[k] = static_cast<uint8_t>(q);
+    }
+  } else {  // absmax NaN or inf: x is NaN for every value (NaN block) or for the infs (0 elsewhere)
+    for (int64_t k = 0; k < len; ++k) {
+      const float v = widen(w[i0 + k]);
+      float x = partial ? v / den : v * inv;
+      x = fmin2(fmax2(x, -1.0f), 1.0f);  // keeps a NaN
+      int q = 0;  // torch.bucketize: the count of midpoints < x; a NaN compares above them all -> 15
+      for (int j = 0; j < 15; ++j) q += x <= mids[j] ? 0 : 1;
+      codes[k] = static_cast<uint8_t>(q);
+    }
   }
   if ((len & 1) && len < 4096) codes[len] = 7;  // the pad value 0.0 quantizes to code 7 (odd len < 4096)
   uint8_t* out = p.packed + i0 / 2;
@@ -240,7 +261,8 @@ void nf4_double_quant_cpu(const Nf4DoubleQuantParams& p, int64_t block2_begin, i
       float x = (p.absmax[j] - off) * inv;
       x = fmin2(fmax2(x, -1.0f), 1.0f);
       const float t = (x + 1.0f) * 0.5f;
-      const int idx = static_cast<int>(std::fmaf(t, 65535.0f, 0.5f)) & 0xFFFF;
+      // a NaN (from a NaN or inf first-level scale) takes index 0, as bitsandbytes' CPU code does
+      const int idx = t == t ? static_cast<int>(std::fmaf(t, 65535.0f, 0.5f)) & 0xFFFF : 0;
       const float val = static_cast<float>(2 * idx) / 65535.0f - 1.0f;
       // count of midpoints < val (mids ascending)
       int lo = 0, hi = 255;

@@ -13,7 +13,9 @@
 // Quantize: one warp per quant block (max |w| by warp reduction, then each lane packs bytes);
 //   double quant: one warp per 256 first-level scales, 255 code2 midpoints in shared memory.
 //   Both follow bitsandbytes' CPU rules exactly (see nf4_cpu.cpp), so a weight quantizes to the same
-//   bytes on either device (up to torch's mean(absmax), which the ATen layer computes per device).
+//   bytes on either device (up to torch's mean(absmax), which the ATen layer computes per device),
+//   non-finite weights included (a NaN block: absmax NaN, codes 15; the 8-bit step maps NaN to 0,
+//   which fmaxf/fminf and __float2int_rz(NaN) = 0 already give).
 // Numerics: fp32. Every product/sum that bitsandbytes rounds separately uses __fmul_rn/__fadd_rn so
 //   nvcc cannot contract it into an FMA; divisions are __fdiv_rn (IEEE).
 #include "common/cuda_utils.cuh"
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_kernel(const Nf4DequantP
 __device__ __forceinline__ uint32_t nf4_index(float x, const Nf4MidsArg& mids) {
   uint32_t q = 0;
 #pragma unroll
-  for (int k = 0; k < 15; ++k) q += x > mids.m[k] ? 1u : 0u;
+  for (int k = 0; k < 15; ++k) q += x <= mids.m[k] ? 0u : 1u;  // a NaN counts above all: code 15
   return q;
 }
 
@@ -133,9 +135,16 @@ __global__ void __launch_bounds__(kThreads) nf4_quantize_kernel(const Nf4Quantiz
   const int64_t i0 = b * p.blocksize;
   const int64_t len = min(p.blocksize, p.n - i0);
   float am = 0.f;
-  for (int64_t k = lane; k < len; k += 32) am = fmaxf(am, fabsf(to_f32(w[i0 + k])));
+  bool nan = false;
+  for (int64_t k = lane; k < len; k += 32) {
+    const float a = fabsf(to_f32(w[i0 + k]));
+    am = fmaxf(am, a);
+    nan |= isnan(a);
+  }
   am = warp_max(am);
-  const float den = fmaxf(am, tiny);
+  // fmaxf drops NaN; bitsandbytes (torch's max) keeps it: a NaN weight makes the block's absmax NaN
+  if (__any_sync(0xffffffffu, nan)) am = __int_as_float(0x7fc00000);
+  const float den = isnan(am) ? am : fmaxf(am, tiny);
   const bool partial = len < p.blocksize;
   if (lane == 0) p.absmax[b] = partial ? den : am;
   const float inv = __fdiv_rn(1.0f, den);
@@ -149,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) nf4_quantize_kernel(const Nf4Quantiz
       if (k < len) {
         const float v = to_f32(w[i0 + k]);
         x = partial ? __fdiv_rn(v, den) : __fmul_rn(v, inv);
-        x = fminf(fmaxf(x, -1.0f), 1.0f);
+        x = isnan(x) ? x : fminf(fmaxf(x, -1.0f), 1.0f);  // fminf/fmaxf would turn a NaN into -1
       }
       q[h] = nf4_index(x, mids);
     }

@@ -3,14 +3,23 @@
 // Forward: block = (TX threads along the row) x (TY rows). Each thread owns the VEC-wide column
 // vectors tx, tx + TX, tx + 2*TX, ... of its row; the first NCACHE of them stay in registers
 // between the sum-of-squares pass and the scaling pass, so a row is read from memory once when
-// n <= NCACHE*TX*VEC (32768 bf16 / 16384 fp32 elements with TX = 1024). Longer rows re-read the
-// rest (from L2). VEC = 16 bytes / sizeof(T) when the row length, strides and pointers allow
-// 16-byte access, else 1.
+// n <= NCACHE*TX*VEC (32768 bf16 / 16384 fp32 elements with TX = kFwdThreads = 1024). Longer rows
+// re-read the rest (from L2). VEC = 16 bytes / sizeof(T) when the row length, strides and
+// pointers allow 16-byte access, else 1.
 //
 // Backward: a persistent grid of G blocks (a few per SM); block b handles rows b, b+G, ...; one
-// row at a time, TX threads. Each thread keeps the dweight sums of its own columns in registers
-// across all of its rows (same column ownership every row), so dweight needs only a (G, n) fp32
-// partial buffer, summed by a second tiny kernel — never a (rows, n) fp32 temporary.
+// row at a time, TX <= kBwdThreads = 384 threads. Each thread keeps the dweight sums of its own
+// columns in registers across all of its rows (same column ownership every row), so dweight needs
+// only a (G, n) fp32 partial buffer, summed by a second tiny kernel — never a (rows, n) fp32
+// temporary. The register cache (x, dy and the dweight sums of NCACHE vectors) wants ~155
+// registers (sm_90a, 16-bit): 384 x 160 fits the SM's 64K registers, 512 threads would cap them at
+// 128 and spill, 1024 (what this launched before) could not launch at all. Rows past
+// NCACHE*384*VEC (12288 16-bit / 6144 fp32 elements) take the uncached tail loop.
+//
+// Launch configuration: every kernel carries __launch_bounds__ of the constant its launcher clamps
+// the block size to (kFwdThreads, kBwdThreads, kReduceThreads), so ptxas keeps the registers
+// within what that many threads can have, and tests/test_build.py checks registers x bound
+// <= 64K from the ptxas report on every build, GPU or not.
 //
 // Numerics: fp32 sums; h = x + residual is rounded to T before the statistics (as the reference).
 #include "common/cuda_utils.cuh"
@@ -20,10 +29,13 @@ namespace llmcore {
 namespace {
 
 constexpr int kNCache = 4;
+constexpr int kFwdThreads = 1024;   // most threads of a forward block (TX x TY)
+constexpr int kBwdThreads = 384;    // most threads of a backward block (TX)
+constexpr int kReduceThreads = 256; // dweight reduction block
 
 
 template <typename T, typename W, int VEC>
-__global__ void rms_norm_fwd_kernel(RmsNormFwdParams p) {
+__global__ void __launch_bounds__(kFwdThreads) rms_norm_fwd_kernel(RmsNormFwdParams p) {
   __shared__ float scratch[32 * 32];  // 32 floats per block row (TY <= 32)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = row < p.rows;
@@ -85,7 +97,7 @@ __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p) {
 }
 
 template <typename T, typename W, int VEC>
-__global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
+__global__ void __launch_bounds__(kBwdThreads) rms_norm_bwd_kernel(RmsNormBwdParams p) {
   __shared__ float scratch[32];
   const int64_t nvec = p.n / VEC;
   const W* w = static_cast<const W*>(p.weight);
@@ -167,7 +179,7 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p) {
 
 // dweight[c] = sum over g of partials[g][c]; one thread per column, coalesced across columns.
 template <typename W>
-__global__ void rms_norm_dweight_reduce_kernel(const float* partials, int64_t num_partials, int64_t n,
+__global__ void __launch_bounds__(kReduceThreads) rms_norm_dweight_reduce_kernel(const float* partials, int64_t num_partials, int64_t n,
                                                W* dweight) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= n) return;
@@ -176,10 +188,14 @@ __global__ void rms_norm_dweight_reduce_kernel(const float* partials, int64_t nu
   dweight[c] = from_f32<W>(s);
 }
 
+// Threads along a row: enough for the row to fit the register cache, at most kMax (the kernel's
+// __launch_bounds__), a multiple of 32.
+template <int kMax>
 int threads_per_row(int64_t nvec) {
-  int64_t per = (nvec + kNCache - 1) / kNCache;  // so that the row fits the register cache
-  int tx = static_cast<int>(((per + 31) / 32) * 32);
-  return tx < 32 ? 32 : (tx > 1024 ? 1024 : tx);
+  static_assert(kMax % 32 == 0 && kMax <= 1024, "block size must be whole warps, at most 1024");
+  int64_t per = (nvec + kNCache - 1) / kNCache;
+  int64_t tx = ((per + 31) / 32) * 32;
+  return static_cast<int>(tx < 32 ? 32 : (tx > kMax ? kMax : tx));
 }
 
 template <typename T>
@@ -202,8 +218,9 @@ cudaError_t launch_fwd(const RmsNormFwdParams& p, cudaStream_t stream) {
                    (sizeof(W) == sizeof(T) ? is_aligned16(p.weight)
                                            : (reinterpret_cast<uintptr_t>(p.weight) % (sizeof(W) * V)) == 0);
   const int64_t nvec = vec ? p.n / V : p.n;
-  const int tx = threads_per_row(nvec);
-  const int ty = tx >= 256 ? 1 : 256 / tx;
+  const int tx = threads_per_row<kFwdThreads>(nvec);
+  const int ty = tx >= 256 ? 1 : 256 / tx;  // TY <= 8 rows, TX * TY <= max(TX, 256) <= kFwdThreads
+  static_assert(kFwdThreads >= 256, "the forward packs short rows into 256-thread blocks");
   const dim3 block(tx, ty);
   const int64_t grid = (p.rows + ty - 1) / ty;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -219,15 +236,14 @@ cudaError_t launch_bwd(const RmsNormBwdParams& p, cudaStream_t stream) {
                    (sizeof(W) == sizeof(T) ? is_aligned16(p.weight)
                                            : (reinterpret_cast<uintptr_t>(p.weight) % (sizeof(W) * V)) == 0);
   const int64_t nvec = vec ? p.n / V : p.n;
-  const int tx = threads_per_row(nvec);
+  const int tx = threads_per_row<kBwdThreads>(nvec);
   const int64_t g = rms_norm_bwd_cuda_num_partials(p.rows);
   if (vec) rms_norm_bwd_kernel<T, W, V><<<static_cast<unsigned>(g), tx, 0, stream>>>(p);
   else rms_norm_bwd_kernel<T, W, 1><<<static_cast<unsigned>(g), tx, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int threads = 256;
-  const int64_t blocks = (p.n + threads - 1) / threads;
-  rms_norm_dweight_reduce_kernel<W><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+  const int64_t blocks = (p.n + kReduceThreads - 1) / kReduceThreads;
+  rms_norm_dweight_reduce_kernel<W><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(
       static_cast<const float*>(p.partials), g, p.n, static_cast<W*>(p.dweight));
   return cudaGetLastError();
 }

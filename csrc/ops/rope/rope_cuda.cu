@@ -70,8 +70,10 @@ __device__ __forceinline__ void load_table(const float* p, float (&out)[N]) {
   }
 }
 
+constexpr int kThreads = 256;  // TX * TY of every block (__launch_bounds__)
+
 template <typename T, int NP, bool INTERLEAVED, bool VEC>
-__global__ void rope_kernel(RopeParams p) {
+__global__ void __launch_bounds__(kThreads) rope_kernel(RopeParams p) {
   const int64_t tok = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (tok >= p.B * p.S) return;
   const int64_t b = tok / p.S, s = tok - b * p.S;
@@ -144,8 +146,8 @@ cudaError_t launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t tokens = p.B * p.S;
   const int64_t work = (p.D / 2 / NP) * (p.Hq + p.Hk);
   int tx = static_cast<int>(((work + 31) / 32) * 32);
-  tx = tx > 256 ? 256 : tx;
-  const int ty = 256 / tx;
+  tx = tx > kThreads ? kThreads : tx;
+  const int ty = kThreads / tx;
   const int64_t grid = (tokens + ty - 1) / ty;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
   rope_kernel<T, NP, INTERLEAVED, VEC><<<static_cast<unsigned>(grid), dim3(tx, ty), 0, stream>>>(p);

@@ -13,11 +13,15 @@
 namespace llmcore {
 namespace {
 
+// Every launch: one block = kThreads vectors. __launch_bounds__(kThreads, 1): with the bound alone
+// ptxas aims at full occupancy (32 registers) and spilled the fp32 scalar backward; a minimum of
+// one resident block leaves it the same freedom it had without a bound.
+constexpr int kThreads = 256;
 
 __device__ __forceinline__ float sigmoid_f32(float g) { return 1.f / (1.f + expf(-g)); }
 
 template <typename T, int V>
-__global__ void swiglu_fwd_kernel(SwigluParams p) {
+__global__ void __launch_bounds__(kThreads, 1) swiglu_fwd_kernel(SwigluParams p) {
   const int64_t nvec = p.n / V, total = p.rows * nvec;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
@@ -35,7 +39,7 @@ __global__ void swiglu_fwd_kernel(SwigluParams p) {
 }
 
 template <typename T, int V>
-__global__ void swiglu_bwd_kernel(SwigluParams p) {
+__global__ void __launch_bounds__(kThreads, 1) swiglu_bwd_kernel(SwigluParams p) {
   const int64_t nvec = p.n / V, total = p.rows * nvec;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
@@ -73,7 +77,7 @@ unsigned grid_for(int64_t total_vecs, int threads) {
 
 template <typename T>
 cudaError_t launch_fwd(const SwigluParams& p, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T), kThreads = 256;
+  constexpr int V = 16 / sizeof(T);
   if (can_vec16<T>(p, false)) swiglu_fwd_kernel<T, V><<<grid_for(p.rows * (p.n / V), kThreads), kThreads, 0, stream>>>(p);
   else swiglu_fwd_kernel<T, 1><<<grid_for(p.rows * p.n, kThreads), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
@@ -81,7 +85,7 @@ cudaError_t launch_fwd(const SwigluParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_bwd(const SwigluParams& p, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T), kThreads = 256;
+  constexpr int V = 16 / sizeof(T);
   if (can_vec16<T>(p, true)) swiglu_bwd_kernel<T, V><<<grid_for(p.rows * (p.n / V), kThreads), kThreads, 0, stream>>>(p);
   else swiglu_bwd_kernel<T, 1><<<grid_for(p.rows * p.n, kThreads), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
