@@ -51,6 +51,9 @@ def add_train_args(p, steps=600, batch_size=16, lr=2e-3, seq_len=256):
                    help="stop (non-zero exit) after this many consecutive steps with a NaN/inf loss or gradient "
                         "norm; each such step is skipped, not applied")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer states over "
+                   "the ranks (torchrun); sharded checkpoints resume on any number of ranks")
+    p.add_argument("--fsdp-offload", action="store_true", help="with --fsdp: keep them in CPU memory between uses")
     p.add_argument("--grad-checkpointing", nargs="?", const="every", default=None, metavar="every|N",
                    help="recompute block activations in the backward (every block, or every N-th): less memory, "
                         "~1/3 more compute")
@@ -62,7 +65,8 @@ def train_config(a, **extra_meta) -> TrainConfig:
                        device=a.device, seed=a.seed, log_every=a.log_every, eval_every=a.eval_every,
                        save_every=a.save_every, keep_last=a.keep_last, wandb=a.wandb, progress=not a.no_progress,
                        max_bad_steps=a.max_bad_steps, allow_schedule_change=a.allow_schedule_change,
-                       grad_checkpointing=parse_every(a.grad_checkpointing),
+                       grad_checkpointing=parse_every(a.grad_checkpointing), fsdp=a.fsdp or a.fsdp_offload,
+                       fsdp_offload=a.fsdp_offload,
                        extra_meta=extra_meta)
 
 

@@ -170,13 +170,98 @@ def _with_adapters(model, adapters: dict):
                         adapters["use_rslora"])
 
 
+def _local(v):
+    return v.to_local() if hasattr(v, "to_local") else v
+
+
+def save_checkpoint_sharded(out_dir, step: int, model, optimizer, data_state=None, meta=None, keep_last: int = 3):
+    """The FSDP form of save_checkpoint, called on every rank: model and optimizer state through
+    torch.distributed.checkpoint (each rank writes its own shards, in parallel) into
+    <out>/ckpt-<step>/dcp, beside train_state.pt (step, RNG of rank 0, data position) and
+    meta.json ("format": "dcp"), written by rank 0 into the same temporary directory, fsync'd and
+    renamed into place only after every rank finished: a rank that dies mid-save leaves the previous
+    checkpoints as they were. Any NaN/inf in any rank's shard: NonFiniteWeights on every rank,
+    nothing written. Loads on any number of ranks (load_sharded_state) or none (load_model)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    out, rank = Path(out_dir), dist.get_rank()
+    msd, osd = get_state_dict(model, optimizer)
+    bad = torch.tensor([float(bool(non_finite_tensors({k: _local(v) for k, v in msd.items()})))])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise NonFiniteWeights(f"refusing to write checkpoint step {step} to {out}: a weight shard holds NaN/inf; "
+                               f"the previous checkpoints are kept")
+    name = [None]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".tmp-ckpt-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        name[0] = tempfile.mkdtemp(prefix=f".tmp-ckpt-{step:08d}-", dir=out)
+    dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    dist.barrier()  # every shard is on disk
+    final = out / f"ckpt-{step:08d}"
+    if rank == 0:
+        try:
+            torch.save({"step": step, "optimizer": None, "scaler": None, "rng": rng_state(), "data": data_state},
+                       tmp / "train_state.pt")
+            meta = {"step": step, "format": "dcp", **(meta or {})}
+            if hasattr(model, "cfg"):
+                meta.setdefault("model_config", model.cfg.to_dict())
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f, indent=2, default=str)
+            for f in sorted(tmp.rglob("*")):
+                _fsync(f)
+            _fsync(tmp / "dcp")
+            _fsync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_sharded_state(ckpt, model, optimizer):
+    """Restore a save_checkpoint_sharded checkpoint into an FSDP model and its optimizer, on any
+    number of ranks (DCP reshards); returns the train state (step, data)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(Path(ckpt) / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return load_train_state(ckpt, None, None)
+
+
 def load_meta(ckpt) -> dict:
     with open(Path(ckpt) / "meta.json") as f:
         return json.load(f)
 
 
 def load_weights(model, ckpt, strict: bool = True):
-    state = load_file(str(Path(ckpt) / "model.safetensors"))
+    """Weights of a checkpoint into a plain (unsharded) model: model.safetensors, or for a sharded
+    (FSDP, "format": "dcp") checkpoint the model part of its DCP shards, read whole in this process."""
+    ckpt = Path(ckpt)
+    if (ckpt / "model.safetensors").exists():
+        state = load_file(str(ckpt / "model.safetensors"))
+    elif (ckpt / "dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+        dcp.load(state, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
+        state = state["model"]
+    else:
+        raise CheckpointError(f"{ckpt}: no model.safetensors and no dcp/ shards")
     model.load_state_dict(state, strict=strict)
     return model
 

@@ -79,12 +79,15 @@ class TrainConfig:
     plot: bool = True
     max_bad_steps: int = 5           # consecutive non-finite steps (skipped) before TrainingDiverged
     grad_checkpointing: int = 0      # recompute every N-th block's activations in the backward (0 = off)
+    fsdp: bool = False               # FSDP2 fully_shard per block + root (torchrun; one process works too)
+    fsdp_offload: bool = False       # FSDP2 CPU offload of parameters, gradients and optimizer states
     allow_schedule_change: bool = False  # resume with different SCHEDULE_FIELDS (warned) instead of refusing
     extra_meta: dict = field(default_factory=dict)  # stored in each checkpoint's meta.json
 
 
-# TrainConfig fields that fix the learning-rate schedule or the data order of a run
-SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "batch_size", "grad_accum", "seed")
+# TrainConfig fields that fix the learning-rate schedule or the data order of a run (with the global
+# batch, batch_size * grad_accum * world: how it is split across ranks and micro-batches may change)
+SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "seed")
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,11 +108,17 @@ def _json_row(row: dict) -> str:
                        for k, v in row.items()}, allow_nan=False)
 
 
-def check_schedule(saved: dict, cfg, ckpt) -> list:
-    """The SCHEDULE_FIELDS whose value in a checkpoint's train_config differs from cfg, as
-    "name: saved -> now" strings; raises ScheduleMismatch unless cfg.allow_schedule_change."""
+def check_schedule(saved_meta: dict, cfg, ckpt, world: int = 1) -> list:
+    """The SCHEDULE_FIELDS (and the global batch) whose value in a checkpoint's meta differs from
+    cfg's, as "name: saved -> now" strings; raises ScheduleMismatch unless cfg.allow_schedule_change."""
+    saved = saved_meta.get("train_config") or {}
     diffs = [f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE_FIELDS
              if k in saved and saved[k] != getattr(cfg, k)]
+    if "batch_size" in saved:
+        was = saved["batch_size"] * saved.get("grad_accum", 1) * saved_meta.get("world", 1)
+        now = cfg.batch_size * cfg.grad_accum * world
+        if was != now:
+            diffs.append(f"global batch (batch_size x grad_accum x ranks): {was} -> {now}")
     if diffs and not cfg.allow_schedule_change:
         raise ScheduleMismatch(f"{ckpt}: --resume with a different schedule ({'; '.join(diffs)}) would change the "
                                f"learning rate / data order of the steps already trained. Resume with the original "
@@ -140,14 +149,19 @@ def default_collate(items):
 
 
 class BatchStream:
-    """Deterministic, resumable batches: epoch e reads a permutation seeded by (seed, e), rank r takes
-    every world-th index of it, and the cursor counts micro-batches taken in the epoch. A tail too
-    short for a full micro-batch is skipped."""
+    """Deterministic, resumable batches, re-splittable across world sizes: epoch e reads a
+    permutation of the items seeded by (seed, e); the epoch is consumed from its start in global
+    steps of batch_size * world items, rank r taking every world-th of the next ones (rank r's
+    micro-batch = order[consumed + r + world * j], j < batch_size). The state is the epoch and the
+    global count of items consumed, so a run resumed on another number of ranks (with the same global
+    batch) continues on exactly the items not yet seen, none twice. A tail too short for a full
+    global step is skipped."""
 
     def __init__(self, dataset, batch_size, seed=0, rank=0, world=1, collate=default_collate, shuffle=True):
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.collate, self.shuffle = collate, shuffle
-        self.epoch, self.cursor, self._order = 0, 0, None
+        self.epoch, self.consumed, self._order = 0, 0, None
+        self.usable = (len(dataset) // world) * world
         self.per_epoch = (len(dataset) // world) // batch_size
         if self.per_epoch == 0:
             raise ValueError(f"dataset of {len(dataset)} items is too small for batch_size {batch_size} x {world} ranks")
@@ -159,21 +173,28 @@ class BatchStream:
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
             else:
                 order = torch.arange(n)
-            self._order = order[: (n // self.world) * self.world][self.rank::self.world].tolist()
+            self._order = order.tolist()
         return self._order
 
+    def next_indices(self) -> list:
+        step = self.batch_size * self.world
+        if self.consumed + step > self.usable:
+            self.epoch, self.consumed, self._order = self.epoch + 1, 0, None
+        order = self._indices()
+        idx = [order[self.consumed + self.rank + self.world * j] for j in range(self.batch_size)]
+        self.consumed += step
+        return idx
+
     def next(self):
-        if self.cursor >= self.per_epoch:
-            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        idx = self._indices()[self.cursor * self.batch_size:(self.cursor + 1) * self.batch_size]
-        self.cursor += 1
-        return self.collate([self.dataset[i] for i in idx])
+        return self.collate([self.dataset[i] for i in self.next_indices()])
 
     def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, s):
-        self.epoch, self.cursor, self._order = s["epoch"], s["cursor"], None
+        # "cursor" (micro-batches per rank): checkpoints written before the state became global
+        consumed = s["consumed"] if "consumed" in s else s["cursor"] * self.batch_size * self.world
+        self.epoch, self.consumed, self._order = s["epoch"], int(consumed), None
 
 
 def _to(batch, device):
@@ -187,14 +208,22 @@ def _autocast(device, dtype):
     return torch.autocast(dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-def _dist_setup(device):
-    """(rank, world, device) — initializes the process group under torchrun."""
+def _dist_setup(device, need_group: bool = False):
+    """(rank, world, device) — initializes the process group under torchrun (or, when need_group,
+    a group of one for a single process: FSDP needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not (need_group or dist.is_initialized()):
         return 0, 1, device
     if not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            import tempfile
+
+            store = tempfile.NamedTemporaryFile(prefix="llmcore-pg-", delete=False).name
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    world = dist.get_world_size()
     rank = dist.get_rank()
     if torch.device(device).type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -288,12 +317,30 @@ def plot_losses(log_path, png_path):
     return png_path
 
 
+def shard_model(model, cfg, device):
+    """FSDP2: fully_shard every block, then the root (embedding, final norm, head), with a
+    mixed-precision policy of bf16 parameters for compute when cfg.dtype is bf16 and fp32 gradient
+    reduction, and CPU offload when cfg.fsdp_offload. Frozen parameters (LoRA's base, QLoRA's NF4
+    buffers stay replicated) shard as the rest. The custom ops see the gathered, plain tensors."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if cfg.dtype == "fp16":
+        raise ValueError("--fsdp with fp16 is not supported (GradScaler over sharded gradients): use --dtype bf16")
+    kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bf16" else None,
+                                             reduce_dtype=torch.float32),
+              offload_policy=CPUOffloadPolicy() if cfg.fsdp_offload else OffloadPolicy())
+    for block in getattr(model, "layers", []):
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
 def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, collate=default_collate,
           resume=False, after_step=None):
     """Train `model` on `dataset` (indexable; items are dicts of tensors) for cfg.max_steps optimizer
     steps. after_step(step, model) runs after each optimizer step (e.g. MoE bias updates).
     Returns {"losses": [(step, loss)], "eval": [(step, loss)], "step", "tokens", "seconds"}."""
-    rank, world, device = _dist_setup(cfg.device)
+    rank, world, device = _dist_setup(cfg.device, need_group=cfg.fsdp)
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
     model.to(device)
@@ -301,30 +348,43 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError("grad_checkpointing needs an llmcore Transformer (set_grad_checkpointing)")
         model.set_grad_checkpointing(cfg.grad_checkpointing)
+    out = Path(cfg.out_dir)
+    last = ckpt_mod.latest_checkpoint(out) if resume else None
+    sharded_ckpt = last is not None and (last / "dcp").is_dir()
+    if last is not None and not sharded_ckpt:
+        ckpt_mod.load_weights(model, last)  # before any wrapping (an FSDP run may resume a plain checkpoint)
     raw = model
-    if world > 1:
+    if cfg.fsdp:
+        shard_model(model, cfg, device)  # in place: raw is the sharded module
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[torch.device(device).index] if "cuda" in str(device) else None)
     opt = build_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.betas)
     dev_type = torch.device(device).type
     scaler = torch.amp.GradScaler(dev_type) if cfg.dtype == "fp16" else None
     data = BatchStream(dataset, cfg.batch_size, cfg.seed, rank, world, collate)
-    out = Path(cfg.out_dir)
     step, tokens = 0, 0
-    if resume:
-        last = ckpt_mod.latest_checkpoint(out)
-        if last is not None:
-            ckpt_mod.load_weights(raw, last)
-            saved_meta = ckpt_mod.load_meta(last)
-            diffs = check_schedule(saved_meta.get("train_config") or {}, cfg, last)
-            st = ckpt_mod.load_train_state(last, opt, scaler)
-            step, tokens = st["step"], saved_meta.get("tokens", 0)
-            data.load_state_dict(st["data"])
+    if last is not None:
+        saved_meta = ckpt_mod.load_meta(last)
+        diffs = check_schedule(saved_meta, cfg, last, world)
+        if sharded_ckpt:
+            if not cfg.fsdp:
+                raise ckpt_mod.CheckpointError(f"{last}: a sharded (FSDP) checkpoint: resume it with --fsdp (any number "
+                                               f"of ranks), or export it / load_model it for a plain model")
+            st = ckpt_mod.load_sharded_state(last, raw, opt)
+        elif cfg.fsdp and (last / "train_state.pt").exists():
+            st = ckpt_mod.load_train_state(last, None, None)  # weights loaded above; a fresh optimizer
             if is_main:
-                print(f"resumed from {last} (step {step}, {tokens} tokens)")
-                if diffs:
-                    print(f"WARNING: resuming on a changed schedule ({'; '.join(diffs)}): steps 1-{step} were "
-                          f"trained on the old one", file=sys.stderr)
+                print(f"note: {last} is a plain checkpoint: FSDP resumes its weights with a fresh optimizer state")
+        else:
+            st = ckpt_mod.load_train_state(last, opt, scaler)
+        step, tokens = st["step"], saved_meta.get("tokens", 0)
+        data.load_state_dict(st["data"])
+        if is_main:
+            print(f"resumed from {last} (step {step}, {tokens} tokens)")
+            if diffs:
+                print(f"WARNING: resuming on a changed schedule ({'; '.join(diffs)}): steps 1-{step} were "
+                      f"trained on the old one", file=sys.stderr)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     loggers = _Loggers(cfg, out, is_main, step)
@@ -337,9 +397,12 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         except ImportError:
             pass
     history = {"losses": [], "eval": []}
-    meta = lambda: {"tokens": tokens, "train_config": dataclasses.asdict(cfg), **cfg.extra_meta}  # noqa: E731
+    meta = lambda: {"tokens": tokens, "world": world, "train_config": dataclasses.asdict(cfg), **cfg.extra_meta}  # noqa: E731
 
     def save():
+        if cfg.fsdp:  # every rank writes its shards
+            ckpt_mod.save_checkpoint_sharded(out, step, raw, opt, data.state_dict(), meta(), cfg.keep_last)
+            return
         if is_main:
             ckpt_mod.save_checkpoint(out, step, raw, opt, scaler, data.state_dict(), meta(), cfg.keep_last)
         if world > 1:
@@ -362,6 +425,9 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
         step_loss = torch.zeros((), dtype=torch.float32, device=device)
         for micro, (batch, n) in enumerate(zip(batches, units)):
             sync = world == 1 or micro == cfg.grad_accum - 1
+            if cfg.fsdp:  # FSDP2 reduce-scatters on the last micro-batch only
+                model.set_requires_gradient_sync(sync or world == 1)
+                sync = True
             with (nullcontext() if sync else model.no_sync()), _autocast(device, cfg.dtype):
                 loss, metrics = loss_fn(model, batch)
             if n > 0:
@@ -437,7 +503,7 @@ def train(model, dataset, cfg: TrainConfig, loss_fn=lm_loss, eval_dataset=None, 
             loggers.log(step, row)
             t_log, tok_log, acc_loss, acc_metrics, n_acc = now, 0, 0.0, {}, 0
         do_eval = eval_dataset is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
-        if do_eval and is_main:
+        if do_eval and (is_main or cfg.fsdp):  # FSDP: every rank takes part in the sharded forward
             ev = evaluate(raw, eval_dataset, cfg, loss_fn, collate, device)
             history["eval"].append((step, ev))
             loggers.log(step, {"eval_loss": ev})

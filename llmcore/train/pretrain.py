@@ -24,8 +24,12 @@ def holdout_split(dataset, n_eval: int):
 def moe_bias_hook(gamma: float):
     """after_step hook for aux-loss-free MoE balancing: update every router's selection bias."""
     def hook(step, model):
+        import torch.distributed as dist
+
         for m in model.modules():
             if hasattr(m, "update_bias") and getattr(m, "balance", "") == "bias":
+                if dist.is_initialized() and dist.get_world_size() > 1:  # every rank: the global load
+                    dist.all_reduce(m.expert_load)
                 m.update_bias(gamma)
     return hook
 

@@ -39,6 +39,7 @@ def add_common_args(p: argparse.ArgumentParser, init_help="SFT checkpoint (dir o
                    help="stop (non-zero exit) after this many consecutive steps with a NaN/inf loss or gradient norm")
     p.add_argument("--grad-checkpointing", nargs="?", const="every", default=None, metavar="every|N",
                    help="recompute block activations in the backward (every block, or every N-th)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 over the torchrun ranks (sharded checkpoints)")
     return p
 
 
@@ -126,7 +127,7 @@ def train_config(args, default_lr: float, tok=None, stage: str = "", **kw):
                        lr=args.lr if args.lr is not None else default_lr, warmup_steps=min(20, args.steps // 10),
                        dtype=args.dtype, device=args.device, seed=args.seed, log_every=args.log_every,
                        progress=not args.no_progress, max_bad_steps=args.max_bad_steps,
-                       grad_checkpointing=parse_every(args.grad_checkpointing), **kw)
+                       grad_checkpointing=parse_every(args.grad_checkpointing), fsdp=args.fsdp, **kw)
 
 
 def user_errors() -> tuple:
