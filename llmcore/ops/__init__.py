@@ -13,3 +13,4 @@ from llmcore.ops.swiglu import swiglu, swiglu_packed, swiglu_packed_reference, s
 from llmcore.ops.flash_attn import (  # noqa: F401
     flash_attn, flash_attn_reference, flash_attn_varlen, flash_attn_varlen_reference, flash_attn_with_kvcache,
     flash_attn_with_kvcache_reference)
+from llmcore.ops.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference  # noqa: F401
