@@ -40,11 +40,15 @@ Training memory (bytes), per data-parallel rank of `world` ranks:
       fp32: the attention log-sum-exp (H) and the two rstd values.
     final                  a·2·d + 4·V     (final norm in/out; the fp32 log-softmax of the logits that
                                             the cross-entropy saves)
+                           fused_ce: a·2·d per token (the final norm's input, dhidden) + a·V·d once
+                           (dweight, computed in the forward; no logits are kept)
   Activation checkpointing (every N-th block, llmcore.model.Transformer.set_grad_checkpointing) keeps
   only a checkpointed block's inputs: the branch output x (a·d) and the fp32 residual h (4·d) per token
   (the first block: its fp32 input only); the other blocks save as without it.
   Transient peak (backward of the loss): the fp32 gradient of the logits, 4·V bytes per token, lives
-  next to the saved activations and the gradients being accumulated; `total` includes it.
+  next to the saved activations and the gradients being accumulated; `total` includes it. fused_ce:
+  the larger of the forward's (chunk, V) logits buffer (about 32 MB; it meets the gradients under
+  gradient accumulation) and the backward's upstream-scaled copies of dhidden and dweight.
 
 Time: tokens · flops_per_token / (MFU · peak_flops(gpu, precision) · n_gpus).
 """
@@ -98,6 +102,7 @@ class Arch:
     qkv_bias: bool = False      # (Hq + 2 Hkv) * head_dim per layer
     o_bias: bool = False        # dim per layer
     shared_gate: bool = False   # dim per layer (Qwen2-MoE's shared_expert_gate)
+    fused_ce: bool = False      # loss through fused_linear_cross_entropy (llmcore backend, cfg.fused_ce)
 
     @property
     def moe(self) -> bool:
@@ -151,6 +156,7 @@ def arch_from_config(cfg: Any) -> Arch:
         qkv_bias=bool(_get(cfg, ("attn_bias",), False)),
         o_bias=bool(_get(cfg, ("attn_out_bias",), False)),
         shared_gate=bool(_get(cfg, ("shared_expert_gate",), False)) and n_sh > 0 and n_exp > 0,
+        fused_ce=bool(_get(cfg, ("fused_ce",), False)) and _get(cfg, ("backend",), "llmcore") == "llmcore",
     )
 
 
@@ -204,6 +210,8 @@ def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, chec
     full = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
         + 4 * (a.n_heads + 2) + extra
     kept = (act_bytes + 4) * d * n_ckpt - (act_bytes * d if n_ckpt else 0)  # x and h; block 0: its input only
+    if a.fused_ce:  # the final norm's input and dhidden per token; dweight (V, d) once
+        return int(tokens * ((a.n_layers - n_ckpt) * full + kept + act_bytes * 2 * d) + act_bytes * a.vocab * d)
     final = act_bytes * 2 * d + 4 * a.vocab
     return int(tokens * ((a.n_layers - n_ckpt) * full + kept + final))
 
@@ -230,6 +238,10 @@ def memory_bytes(a: Arch, precision: str = "autocast-bf16", zero: int = 0, world
     T = seq_len or a.max_seq_len
     act = activation_bytes(a, batch, T, ab, checkpointing)
     transient = 4 * a.vocab * batch * T
+    if a.fused_ce:  # the forward's (chunk, V) logits buffer (~32 MB on CPU), or the backward's
+        tokens = batch * T  # upstream-scaled copies of dhidden and dweight, whichever is larger
+        chunk = min(tokens, max(1, (32 << 20) // (a.vocab * ab)))
+        transient = max(chunk * a.vocab * ab, ab * (tokens + a.vocab) * a.dim)
     return dict(weights=weights, grads=grads, optimizer=opt, activations=act, transient=transient,
                 total=weights + grads + opt + act + transient)
 

@@ -24,6 +24,10 @@ The options beyond minimind2's shape, each the math of a transformers family (te
     moe_renormalize  top-k weights renormalized to sum 1 (Mixtral, Qwen3-MoE norm_topk_prob); False:
                      the softmax probabilities as they are (Qwen2-MoE's default)
     shared_expert_gate  the shared expert's output scaled by sigmoid(x @ g) per token (Qwen2-MoE)
+    fused_ce         with labels, the loss comes from llmcore.ops.fused_linear_cross_entropy (chunked:
+                     the (B, S, V) logits are never materialized, and forward returns logits=None).
+                     Backend "llmcore" only: the torch backend stays the plain-PyTorch baseline
+                     (F.linear + F.cross_entropy), as does fused_ce=False.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -57,6 +61,7 @@ class ModelConfig:
     moe_balance: str = "aux"        # "aux" (Switch aux loss) | "bias" (aux-loss-free) | "none"
     init_std: float = 0.02
     backend: str = "llmcore"        # "llmcore" (llmcore.ops) | "torch" (plain PyTorch baseline)
+    fused_ce: bool = True           # training loss through fused_linear_cross_entropy (no (B, S, V) logits)
 
     def __post_init__(self):
         if self.ffn_hidden <= 0:

@@ -24,7 +24,8 @@ token attends across documents; RoPE uses the given positions.
 
 Labels are pre-shifted, as llmcore.data's datasets (and minimind's) make them: labels[b, t] is the
 target of the logits at (b, t), i.e. the token after input_ids[b, t]; -100 = no loss. The loss is mean cross-entropy in fp32 plus, for MoE,
-the routers' aux losses.
+the routers' aux losses; with cfg.fused_ce (the default) it comes from llmcore.ops.fused_linear_cross_entropy
+(chunked, no (B, S, V) logits; loss 0 rather than NaN when no position is labelled).
 """
 import contextlib
 import math
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from llmcore.model.config import ModelConfig
 from llmcore.nn import MLP, Attention, AttnMeta, MoEFeedForward, RMSNorm, Rotary
+from llmcore.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 from llmcore.data.datasets import cu_seqlens_from_positions
 
@@ -169,21 +171,38 @@ class Transformer(nn.Module):
     def forward(self, input_ids, positions=None, labels=None, cache=None):
         """input_ids (B, S) long; positions (B, S) or None; labels (B, S) or None; cache a KVCache
         (decoding: positions come from cache.seqlens, which the caller advances afterwards).
-        Returns logits (B, S, vocab) or, with labels, (logits, loss)."""
+        Returns logits (B, S, vocab) or, with labels, (logits, loss) — (None, loss) when cfg.fused_ce
+        and backend "llmcore" (the loss then never materializes the logits; call again without labels
+        for them). The torch backend always takes logits + F.cross_entropy: the plain-PyTorch baseline."""
         meta = self._attn_meta(input_ids, positions, cache)
         x, h = self.embed(input_ids), None  # (B, S, dim)
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x, h = self._run_layer(i, layer, x, h, meta, kv)
         y, _ = self.norm(x, h)
-        logits = F.linear(y, self.lm_head)  # (B, S, vocab)
-        if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        if labels is not None and self.cfg.fused_ce and self.cfg.backend == "llmcore":
+            logits, loss = None, self._fused_loss(y, labels)
+        else:
+            logits = F.linear(y, self.lm_head)  # (B, S, vocab)
+            if labels is None:
+                return logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         aux = self.aux_loss()
         if aux is not None:
             loss = loss + aux
         return logits, loss
+
+    def _fused_loss(self, y, labels):
+        """Mean cross-entropy of y @ lm_head.T against labels without the (B, S, V) logits. Under
+        autocast the head runs in the autocast dtype, as F.linear would (the cast's backward returns
+        fp32 gradients to the fp32 parameter); all-ignored labels give loss 0 (F.cross_entropy: NaN)."""
+        w = self.lm_head
+        if torch.is_autocast_enabled(y.device.type):
+            dt = torch.get_autocast_dtype(y.device.type)
+            y, w = y.to(dt), w.to(dt)
+        elif y.dtype != w.dtype:
+            y = y.to(w.dtype)
+        return fused_linear_cross_entropy(y.flatten(0, 1), w, labels.flatten(), ignore_index=-100)
 
     def aux_loss(self):
         """Sum of the MoE routers' aux losses from the last forward (None for a dense model)."""
