@@ -128,10 +128,16 @@ def _bwd_fake(grad_loss, hidden, weight, target, bias, ignore_index, label_smoot
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
 
 
+def _is_eager_cpu_one(g):
+    return (type(g) is torch.Tensor and g.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool(g == 1))
+
+
 def _setup(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grads, chunk_rows = inputs
     _, dh, dw, db = output
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zero (N, H) / (V, H) tensors
     ctx.precomputed = bool(compute_grads)
     ctx.args = (ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows)
     if ctx.precomputed:
@@ -141,10 +147,16 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _gdh, _gdw, _gdb):
+    if grad_loss is None:  # only the gradient outputs were used (their gradient is not defined: none)
+        return (None,) * 11
     if ctx.precomputed:
         dh, dw, db = ctx.saved_tensors
-        g = grad_loss.to(dh.dtype)
-        dh, dw, db = dh * g, dw * g, (db * g if ctx.has_bias else None)
+        db = db if ctx.has_bias else None
+        # an upstream 1 (loss.backward()) returns the forward's gradients as they are (autograd clones
+        # them if it must store them); checked eagerly on CPU only (no device sync, no graph break)
+        if not _is_eager_cpu_one(grad_loss):
+            g = grad_loss.to(dh.dtype)
+            dh, dw, db = dh * g, dw * g, (db * g if db is not None else None)
     else:
         hidden, weight, target, bias = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows = ctx.args

@@ -82,9 +82,13 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
 int64_t pick_chunk(int64_t n, int64_t V, int64_t elsize, bool cuda, int64_t chunk_rows) {
   if (chunk_rows > 0) return std::min(chunk_rows, std::max<int64_t>(n, 1));
   const int64_t budget = (cuda ? int64_t(256) : int64_t(32)) << 20;
-  int64_t c = std::max<int64_t>(1, budget / (V * elsize));
-  if (c > 64) c -= c % 16;
-  return std::min(c, std::max<int64_t>(n, 1));
+  const int64_t most = std::max<int64_t>(1, budget / (V * elsize));
+  if (n <= most) return std::max<int64_t>(n, 1);
+  // equal chunks (no short last one), rounded up to 16 rows for the GEMMs
+  const int64_t nchunks = (n + most - 1) / most;
+  int64_t c = (n + nchunks - 1) / nchunks;
+  if (c > 64) c = std::min(n, (c + 15) / 16 * 16);
+  return c;
 }
 
 void run_rows(FlceRowsParams& p, const at::Tensor& like) {
@@ -149,7 +153,8 @@ Result run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor&
   const bool acc32 = grads && is_16bit(hidden.scalar_type()) && nchunks > 1;
   if (grads) {
     dh_c = at::empty({n, H}, opts);
-    dw_acc = acc32 ? at::zeros({V, H}, opts.dtype(at::kFloat)) : at::zeros({V, H}, opts);
+    // written in full by the first chunk (n > 0) before any accumulation
+    dw_acc = n == 0 ? at::zeros({V, H}, opts) : at::empty({V, H}, acc32 ? opts.dtype(at::kFloat) : opts);
     if (acc32) tmp = at::empty({V, H}, opts);
     if (has_bias) db_acc = at::zeros({V}, opts.dtype(loss_dtype));
   }
@@ -175,7 +180,8 @@ Result run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor&
       at::mm_out(dhc, lc, weight);
       if (acc32) {
         at::mm_out(tmp, lc.t(), hc);
-        dw_acc.add_(tmp);
+        if (r0 == 0) dw_acc.copy_(tmp);
+        else dw_acc.add_(tmp);
       } else if (r0 == 0) {
         at::mm_out(dw_acc, lc.t(), hc);
       } else {
@@ -186,7 +192,12 @@ Result run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor&
   }
   res.loss_rows = compact ? at::zeros({N}, opts.dtype(loss_dtype)).index_copy_(0, idx, loss_c) : loss_c;
   if (grads) {
-    res.dhidden = compact ? at::zeros({N, H}, opts).index_copy_(0, idx, dh_c) : dh_c;
+    if (compact) {  // labelled rows from the chunks, zeros at the ignored ones
+      res.dhidden = at::empty({N, H}, opts).index_copy_(0, idx, dh_c);
+      res.dhidden.index_fill_(0, valid.logical_not().nonzero().select(1, 0), 0);
+    } else {
+      res.dhidden = dh_c;
+    }
     res.dweight = acc32 ? dw_acc.to(hidden.scalar_type()) : dw_acc;
     if (has_bias) res.dbias = db_acc.to(hidden.scalar_type());
   }
