@@ -5,7 +5,8 @@ do) and torch.compile of it, and Liger's LigerFusedLinearCrossEntropyLoss where 
 Shapes (N tokens, H, V): 4096 x 896 x 151936 (Qwen2.5-0.5B) and 8192 x 512 x 6400 (minimind), bf16
 (and fp32 for minimind). Time: the providers alternate call by call in one process (this VM's
 absolute times drift between runs), median of the rounds. Peak memory: one fresh process per
-provider and shape, the growth of the peak RSS (CPU: VmHWM after a reset) or of
+provider and shape, the growth of the peak RSS (CPU: VmHWM after a reset, glibc told to mmap every
+block of 64 KB or more so that freed memory leaves the RSS) or of
 torch.cuda.max_memory_allocated over one loss + backward after a warm-up, inputs excluded.
 
     PYTHONPATH=$PWD python bench/bench_fused_linear_cross_entropy.py [--rounds 7] [--device cpu]
@@ -119,8 +120,11 @@ def time_process(providers, shape, dtype_name, device, rounds):
 
 
 def _child(args):
+    env = dict(os.environ)
+    if args["kind"] == "mem":  # every block >= 64 KB its own mmap, unmapped when freed: RSS follows the live bytes
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                         env=dict(os.environ))
+                         env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -71,9 +71,9 @@ TORCH_LIBRARY(llmcore, m) {
   // loss of x = hidden @ weight.T (+ bias) (z = softcap*tanh(x/softcap)): lse(z) - (1-eps) z_t - eps mean(z) + z_loss lse^2
   // over rows with target != ignore_index, reduced (mean over labelled rows | sum | none), chunked over rows:
   // the (N, V) logits are never held; with compute_grads, (dhidden, dweight, dbias) of the reduced loss too
-  m.def("fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing, float z_loss, float softcap, str reduction, bool compute_grads, int chunk_rows) -> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias)");
+  m.def("fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing, float z_loss, float softcap, str reduction, bool compute_grads, int chunk_rows, int vocab_chunk) -> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias)");
   // (dhidden, dweight, dbias) recomputed chunk by chunk for an upstream grad_loss (scalar, or (N,) for 'none')
-  m.def("fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing, float z_loss, float softcap, str reduction, int chunk_rows) -> (Tensor dhidden, Tensor dweight, Tensor dbias)");
+  m.def("fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, float label_smoothing, float z_loss, float softcap, str reduction, int chunk_rows, int vocab_chunk) -> (Tensor dhidden, Tensor dweight, Tensor dbias)");
 
 
 }

@@ -32,7 +32,13 @@ scale by the upstream scalar. "none" (a per-token upstream gradient, unknown in 
 recomputes the logits chunk by chunk in the backward (4 GEMMs).
 Memory beyond the inputs: the chunk buffer, dhidden (N, H), dweight (V, H) (+ an fp32 (V, H)
 accumulator and a (V, H) partial for 16-bit inputs over several chunks) — never O(N x V).
-`chunk_rows` (0 = automatic) sets the rows per chunk (tests use it to cross chunk boundaries).
+Loop order: by row chunks as above, or — when the vocabulary is much larger than the batch (V > 2 N
+over several chunks, e.g. Qwen's 151936 vs 4096 tokens), where re-reading and re-writing the (V, H)
+dweight per chunk would cost more than the GEMMs — in two passes: the loss and every row's lse by
+row chunks, then vocabulary blocks of all rows, each dweight block one GEMM over every row and
+dhidden (N, H) accumulated over the blocks (fp32 for 16-bit): four GEMMs instead of three.
+`chunk_rows` (rows per chunk) and `vocab_chunk` (columns per vocabulary block; > 0 forces the
+vocabulary order) are 0 = automatic; tests set them to cross chunk boundaries in both orders.
 """
 import torch
 import torch.nn.functional as F
@@ -52,8 +58,8 @@ def _check_args(reduction, softcap):
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
-                                         label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_rows=0):
-    """Pure-PyTorch twin (same signature; chunk_rows is ignored): full fp32 logits (fp64 for
+                                         label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_rows=0, vocab_chunk=0):
+    """Pure-PyTorch twin (same signature; chunk_rows and vocab_chunk are ignored): full fp32 logits (fp64 for
     fp64 inputs) and F.cross_entropy. Loss in fp32 (fp64); all-ignored mean -> 0."""
     _check_args(reduction, softcap)
     with torch.autocast(hidden.device.type, enabled=False):  # fp32 even inside an autocast region
@@ -87,12 +93,12 @@ def _reference(hidden, weight, target, bias, ignore_index, reduction, label_smoo
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias=None,
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                               z_loss: float = 0.0, softcap=None, chunk_rows: int = 0) -> torch.Tensor:
+                               z_loss: float = 0.0, softcap=None, chunk_rows: int = 0, vocab_chunk: int = 0) -> torch.Tensor:
     """Cross-entropy of hidden @ weight.T (+ bias) against target, never holding the logits.
     See the module docstring for shapes, dtypes, numerics and semantics."""
     if use_reference():
         return fused_linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction,
-                                                    label_smoothing, z_loss, softcap, chunk_rows)
+                                                    label_smoothing, z_loss, softcap, chunk_rows, vocab_chunk)
     _check_args(reduction, softcap)
     lead = target.shape
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -101,7 +107,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                               or (bias is not None and bias.requires_grad))
     loss, _, _, _ = ops.fused_linear_cross_entropy_fwd(
         h, weight, t, bias, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
-        reduction, bool(needs_grad and reduction != "none"), int(chunk_rows))
+        reduction, bool(needs_grad and reduction != "none"), int(chunk_rows), int(vocab_chunk))
     return loss.view(lead) if reduction == "none" else loss
 
 
@@ -111,7 +117,7 @@ def _loss_dtype(hidden):
 
 @torch.library.register_fake("llmcore::fused_linear_cross_entropy_fwd")
 def _fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
-              compute_grads, chunk_rows):
+              compute_grads, chunk_rows, vocab_chunk):
     N, H = hidden.shape
     loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=_loss_dtype(hidden))
     if not compute_grads:
@@ -123,7 +129,7 @@ def _fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_los
 
 @torch.library.register_fake("llmcore::fused_linear_cross_entropy_bwd")
 def _bwd_fake(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
-              chunk_rows):
+              chunk_rows, vocab_chunk):
     db = hidden.new_empty((weight.shape[0],)) if bias is not None else hidden.new_empty((0,))
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
 
@@ -134,12 +140,13 @@ def _is_eager_cpu_one(g):
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grads, chunk_rows = inputs
+    (hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grads, chunk_rows,
+     vocab_chunk) = inputs
     _, dh, dw, db = output
     ctx.has_bias = bias is not None
     ctx.set_materialize_grads(False)  # the gradient outputs get no gradient: no zero (N, H) / (V, H) tensors
     ctx.precomputed = bool(compute_grads)
-    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows)
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows, vocab_chunk)
     if ctx.precomputed:
         ctx.save_for_backward(dh, dw, db)
     else:
@@ -148,7 +155,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _gdh, _gdw, _gdb):
     if grad_loss is None:  # only the gradient outputs were used (their gradient is not defined: none)
-        return (None,) * 11
+        return (None,) * 12
     if ctx.precomputed:
         dh, dw, db = ctx.saved_tensors
         db = db if ctx.has_bias else None
@@ -159,11 +166,9 @@ def _backward(ctx, grad_loss, _gdh, _gdw, _gdb):
             dh, dw, db = dh * g, dw * g, (db * g if db is not None else None)
     else:
         hidden, weight, target, bias = ctx.saved_tensors
-        ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_rows = ctx.args
-        dh, dw, db = ops.fused_linear_cross_entropy_bwd(grad_loss, hidden, weight, target, bias, ignore_index,
-                                                        label_smoothing, z_loss, softcap, reduction, chunk_rows)
+        dh, dw, db = ops.fused_linear_cross_entropy_bwd(grad_loss, hidden, weight, target, bias, *ctx.args)
         db = db if ctx.has_bias else None
-    return dh, dw, None, db, None, None, None, None, None, None, None
+    return dh, dw, None, db, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("llmcore::fused_linear_cross_entropy_fwd", _backward, setup_context=_setup)

@@ -38,8 +38,8 @@ def _grads(loss, tensors, upstream=None):
     return torch.autograd.grad(loss, tensors, upstream)
 
 
-def _check(h, w, t, b=None, reduction="mean", chunk_rows=0, **kw):
-    ours = FLCE(h, w, t, b, reduction=reduction, chunk_rows=chunk_rows, **kw)
+def _check(h, w, t, b=None, reduction="mean", chunk_rows=0, vocab_chunk=0, **kw):
+    ours = FLCE(h, w, t, b, reduction=reduction, chunk_rows=chunk_rows, vocab_chunk=vocab_chunk, **kw)
     up = None if reduction != "none" else make(t.shape, torch.float32, h.device, seed=9)
     gs = _grads(ours, (h, w, b), up)
     leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (h, w, b)]
@@ -63,10 +63,13 @@ def _check(h, w, t, b=None, reduction="mean", chunk_rows=0, **kw):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_flce_forward_backward(device, dtype, shape):
+@pytest.mark.parametrize("order", ["rows", "vocab"])
+def test_flce_forward_backward(device, dtype, shape, order):
+    """Both loop orders: row chunks, and vocabulary blocks (vocab_chunk > 0; automatic for V > 2 N)
+    with blocks that do not divide V."""
     N, H, V, chunk = shape
     h, w, t, _ = _inputs(N, H, V, dtype, device)
-    _check(h, w, t, chunk_rows=chunk)
+    _check(h, w, t, chunk_rows=chunk, vocab_chunk=0 if order == "rows" else V // 3 + 5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,6 +78,7 @@ def test_flce_forward_backward(device, dtype, shape):
 def test_flce_reductions(device, dtype, reduction):
     h, w, t, _ = _inputs(41, 32, 1199, dtype, device, seed=5)
     _check(h, w, t, reduction=reduction, chunk_rows=8)
+    _check(h, w, t, reduction=reduction, chunk_rows=8, vocab_chunk=100)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -82,6 +86,7 @@ def test_flce_reductions(device, dtype, reduction):
 def test_flce_bias_and_label_smoothing(device, dtype):
     h, w, t, b = _inputs(23, 40, 777, dtype, device, seed=7, bias=True)
     _check(h, w, t, b, label_smoothing=0.1, chunk_rows=5)
+    _check(h, w, t, b, label_smoothing=0.1, chunk_rows=5, vocab_chunk=200)
     _check(h, w, t, b, reduction="none", label_smoothing=0.25, chunk_rows=0)
 
 
@@ -97,6 +102,7 @@ def test_flce_z_loss_softcap(device, dtype, reduction):
     _check(h, w, t, b, reduction=reduction, z_loss=1e-3, chunk_rows=4)
     _check(h, w, t, b, reduction=reduction, softcap=5.0, chunk_rows=4)
     _check(h, w, t, b, reduction=reduction, softcap=3.0, z_loss=0.01, label_smoothing=0.1)
+    _check(h, w, t, b, reduction=reduction, softcap=3.0, z_loss=0.01, label_smoothing=0.1, vocab_chunk=77)
 
 
 def _hand_loss(h, w, t, b=None, eps=0.0, zc=0.0, cap=None, reduction="mean"):
@@ -123,12 +129,14 @@ def test_flce_against_hand_written(reduction):
     for kw, hk in (({}, {}), ({"label_smoothing": 0.2}, {"eps": 0.2}), ({"z_loss": 1e-2}, {"zc": 1e-2}),
                    ({"softcap": 2.0}, {"cap": 2.0}), ({"label_smoothing": 0.1, "z_loss": 0.05, "softcap": 1.5},
                                                       {"eps": 0.1, "zc": 0.05, "cap": 1.5})):
-        ours = FLCE(h, w, t, b, reduction=reduction, chunk_rows=5, **kw)
         ref = _hand_loss(h, w, t, b, reduction=reduction, **hk)
         up = torch.randn(ref.shape, dtype=torch.float64)
-        assert_close(ours, ref, name=f"loss {kw}")
-        for a, r, nm in zip(_grads(ours, (h, w, b), up), _grads(ref, (h, w, b), up), ("dh", "dw", "db")):
-            assert_close(a, r, name=f"{nm} {kw}")
+        gr = _grads(ref, (h, w, b), up)
+        for vc in (0, 41):
+            ours = FLCE(h, w, t, b, reduction=reduction, chunk_rows=5, vocab_chunk=vc, **kw)
+            assert_close(ours, ref, name=f"loss {kw}")
+            for a, r, nm in zip(_grads(ours, (h, w, b), up), gr, ("dh", "dw", "db")):
+                assert_close(a, r, name=f"{nm} {kw} vocab_chunk={vc}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,9 +177,10 @@ def test_flce_nan_propagation(device, dtype):
         h[7, 0] = float("nan")  # an ignored row: contributes nothing
     loss = FLCE(h, w, t, reduction="none")
     assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(12) != 3]).all()
-    dh, dw = _grads(FLCE(h, w, t, chunk_rows=4), (h, w))
-    assert torch.isnan(dh[3]).all() and torch.isnan(dw).all()
-    assert torch.isfinite(dh[torch.arange(12) != 3]).all() and (dh[7] == 0).all()
+    for vc in (0, 64):
+        dh, dw = _grads(FLCE(h, w, t, chunk_rows=4, vocab_chunk=vc), (h, w))
+        assert torch.isnan(dh[3]).all() and torch.isnan(dw).all()
+        assert torch.isfinite(dh[torch.arange(12) != 3]).all() and (dh[7] == 0).all()
     with torch.no_grad():
         h[3, 2] = 0.0
     loss = FLCE(h, w, t)
@@ -206,7 +215,7 @@ def test_flce_bad_input_errors():
     with pytest.raises(RuntimeError, match="'target' must be int64 or int32"):
         FLCE(h, w, t.float())
     with pytest.raises(RuntimeError, match="'target' must have shape \\(N,\\)"):
-        torch.ops.llmcore.fused_linear_cross_entropy_fwd(h, w, t[:3], None, -100, 0.0, 0.0, 0.0, "mean", False, 0)
+        torch.ops.llmcore.fused_linear_cross_entropy_fwd(h, w, t[:3], None, -100, 0.0, 0.0, 0.0, "mean", False, 0, 0)
     with pytest.raises(RuntimeError, match="'bias' must have shape"):
         FLCE(h, w, t, torch.randn(9))
     with pytest.raises(RuntimeError, match="'hidden' must be float32"):
@@ -214,13 +223,13 @@ def test_flce_bad_input_errors():
     with pytest.raises(RuntimeError, match="'label_smoothing' must be in \\[0, 1\\]"):
         FLCE(h, w, t, label_smoothing=1.5)
     with pytest.raises(RuntimeError, match="'reduction' must be"):
-        torch.ops.llmcore.fused_linear_cross_entropy_fwd(h, w, t, None, -100, 0.0, 0.0, 0.0, "avg", False, 0)
+        torch.ops.llmcore.fused_linear_cross_entropy_fwd(h, w, t, None, -100, 0.0, 0.0, 0.0, "avg", False, 0, 0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         FLCE(h, w, t, reduction="avg")
     with pytest.raises(ValueError, match="softcap must be > 0"):
         FLCE(h, w, t, softcap=0.0)
     with pytest.raises(RuntimeError, match="'grad_loss' must have shape \\(N,\\)"):
-        torch.ops.llmcore.fused_linear_cross_entropy_bwd(torch.ones(3), h, w, t, None, -100, 0.0, 0.0, 0.0, "none", 0)
+        torch.ops.llmcore.fused_linear_cross_entropy_bwd(torch.ones(3), h, w, t, None, -100, 0.0, 0.0, 0.0, "none", 0, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -250,13 +259,17 @@ def test_flce_opcheck(device, dtype):
     for reduction, cg in (("mean", True), ("sum", True), ("mean", False), ("none", False)):
         for bias in (None, b):
             torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default,
-                                  (h, w, t, bias, -100, 0.1, 1e-3, 0.0, reduction, cg, 4))
-    torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default, (h, w, t, b, -100, 0.0, 0.0, 4.0, "mean", True, 0))
+                                  (h, w, t, bias, -100, 0.1, 1e-3, 0.0, reduction, cg, 4, 0))
+            torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default,
+                                  (h, w, t, bias, -100, 0.1, 1e-3, 0.0, reduction, cg, 4, 16))
+    torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default, (h, w, t, b, -100, 0.0, 0.0, 4.0, "mean", True, 0, 0))
     gl = make((11,), torch.float32, device)
     torch.library.opcheck(ops.fused_linear_cross_entropy_bwd.default,
-                          (gl, h.detach(), w.detach(), t, b.detach(), -100, 0.1, 1e-3, 4.0, "none", 3))
+                          (gl, h.detach(), w.detach(), t, b.detach(), -100, 0.1, 1e-3, 4.0, "none", 3, 0))
     torch.library.opcheck(ops.fused_linear_cross_entropy_bwd.default,
-                          (gl[0], h.detach(), w.detach(), t, None, -100, 0.0, 0.0, 0.0, "mean", 0))
+                          (gl, h.detach(), w.detach(), t, b.detach(), -100, 0.1, 1e-3, 4.0, "none", 3, 32))
+    torch.library.opcheck(ops.fused_linear_cross_entropy_bwd.default,
+                          (gl[0], h.detach(), w.detach(), t, None, -100, 0.0, 0.0, 0.0, "mean", 0, 0))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -267,6 +280,8 @@ def test_flce_gradcheck_float64(reduction):
         return FLCE(h, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=0.01, softcap=2.0, chunk_rows=3)
 
     assert torch.autograd.gradcheck(f, (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: FLCE(h, w, t, b, reduction=reduction, label_smoothing=0.1,
+                                                         z_loss=0.01, chunk_rows=3, vocab_chunk=5), (h, w, b))
     assert torch.autograd.gradcheck(lambda h, w: FLCE(h, w, t, reduction=reduction), (h, w))
 
 

@@ -24,12 +24,19 @@
 
 namespace llmcore {
 
+// Two modes. Whole rows (lse_given false): the buffer holds all V logits of each row; loss (and lse
+// when non-null) are written, and dx when write_grad. Vocabulary block (lse_given true): the buffer
+// holds columns [v0, v0 + V) of each row of a V_total vocabulary; lse comes in (from a whole-row
+// pass), only dx is written (write_grad must be true); the target column may lie outside the block.
 struct FlceRowsParams {
   void* logits = nullptr;            // (rows, V), row stride ld, chunk dtype; dx written over it
-  const int64_t* target = nullptr;   // (rows,) in [0, V)
+  const int64_t* target = nullptr;   // (rows,) in [0, V_total)
   void* loss = nullptr;              // (rows,) out: per-row loss (fp32; fp64 for float64)
+  void* lse = nullptr;               // (rows,) loss dtype: out (whole rows; may be null) or in (block)
   const void* row_grad = nullptr;    // (rows,) or null (= 1): per-row upstream gradient, loss dtype
   int64_t rows = 0, V = 0, ld = 0;
+  int64_t v0 = 0, V_total = 0;       // the block's first column and the vocabulary size (V_total = V: whole rows)
+  bool lse_given = false;
   double scale = 1.0;                // gradient multiplier (1 / labelled rows for mean)
   double label_smoothing = 0.0, z_loss = 0.0, softcap = 0.0;  // softcap 0 = off
   bool write_grad = false;

@@ -13,6 +13,12 @@
 // gradients themselves kept for the backward, which is then a scale by the upstream scalar.
 // reduction='none' takes a per-token upstream gradient that is unknown in the forward, so its
 // backward recomputes (fused_linear_cross_entropy_bwd: the same loop with row_grad).
+// Vocabulary order, for a vocabulary much larger than the batch (V > 2 N, e.g. 151936 vs 4096), where
+// the row order's per-chunk dweight accumulation (V x H read and written per chunk) would cost more
+// than the GEMMs: pass 1 (row chunks) computes the loss and every row's lse; pass 2 walks vocabulary
+// blocks of all rows: x_b = hidden @ weight_b.T, dx_b from lse, dweight_b = dx_b^T @ hidden in one
+// GEMM (written once), dhidden += dx_b @ weight_b (an (N, H) accumulator, fp32 for 16-bit). Four
+// GEMMs instead of three, and no (V, H) accumulation traffic.
 // Only labelled rows (target != ignore_index) enter the loop: they are gathered first (when some
 // are ignored), so prompt / padding tokens cost no GEMM work, and the results are scattered back.
 // 16-bit dweight over several chunks accumulates in an fp32 buffer (one rounding at the end).
@@ -43,6 +49,7 @@ struct Opts {
   double label_smoothing, z_loss, softcap;
   Reduction reduction;
   int64_t chunk_rows;
+  int64_t vocab_chunk;
 };
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
@@ -75,6 +82,7 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   LLMCORE_CHECK(std::isfinite(o.softcap) && o.softcap >= 0.0, "argument 'softcap' must be finite and > 0 (0 = off), got ",
                 o.softcap);
   LLMCORE_CHECK(o.chunk_rows >= 0, "argument 'chunk_rows' must be >= 0 (0 = automatic), got ", o.chunk_rows);
+  LLMCORE_CHECK(o.vocab_chunk >= 0, "argument 'vocab_chunk' must be >= 0 (0 = automatic), got ", o.vocab_chunk);
 }
 
 // Rows per chunk: a (chunk, V) logits buffer of about 32 MB on CPU (it and the row pass stay close to
@@ -150,7 +158,13 @@ Result run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor&
   at::Tensor dh_c, dw_acc, tmp, db_acc;
   const int64_t chunk = pick_chunk(n, V, hidden.element_size(), hidden.is_cuda(), o.chunk_rows);
   const int64_t nchunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
-  const bool acc32 = grads && is_16bit(hidden.scalar_type()) && nchunks > 1;
+  // Vocabulary order (see the file comment) when the row order would accumulate a (V, H) dweight over
+  // several chunks of a vocabulary much larger than the batch, or when asked for.
+  const bool vocab_order = grads && n > 0 &&
+      (o.vocab_chunk > 0 || (o.chunk_rows == 0 && nchunks > 1 && V > 2 * n));
+  const bool row_grads = grads && !vocab_order;
+  const bool acc32 = row_grads && is_16bit(hidden.scalar_type()) && nchunks > 1;
+  at::Tensor lse_c = vocab_order ? at::empty({n}, opts.dtype(loss_dtype)) : at::Tensor();
   if (grads) {
     dh_c = at::empty({n, H}, opts);
     // written in full by the first chunk (n > 0) before any accumulation
@@ -158,12 +172,13 @@ Result run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor&
     if (acc32) tmp = at::empty({V, H}, opts);
     if (has_bias) db_acc = at::zeros({V}, opts.dtype(loss_dtype));
   }
+  FlceRowsParams p;
+  p.scale = scale, p.label_smoothing = o.label_smoothing, p.z_loss = o.z_loss, p.softcap = o.softcap;
+  p.dtype = to_dtype(hidden.scalar_type());
   if (n > 0) {
     at::Tensor buf = at::empty({chunk, V}, opts);
     const at::Tensor wt = weight.t();
-    FlceRowsParams p;
-    p.V = V, p.scale = scale, p.label_smoothing = o.label_smoothing, p.z_loss = o.z_loss, p.softcap = o.softcap;
-    p.write_grad = grads, p.dtype = to_dtype(hidden.scalar_type());
+    p.V = p.V_total = V, p.write_grad = row_grads;
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t m = std::min(chunk, n - r0);
       const at::Tensor hc = h.narrow(0, r0, m);
@@ -173,9 +188,10 @@ Result run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor&
       p.logits = lc.data_ptr(), p.ld = lc.stride(0), p.rows = m;
       p.target = t.data_ptr<int64_t>() + r0;
       p.loss = static_cast<char*>(loss_c.data_ptr()) + r0 * loss_c.element_size();
+      p.lse = vocab_order ? static_cast<char*>(lse_c.data_ptr()) + r0 * lse_c.element_size() : nullptr;
       p.row_grad = rg.defined() ? static_cast<const char*>(rg.data_ptr()) + r0 * rg.element_size() : nullptr;
       run_rows(p, hidden);
-      if (!grads) continue;
+      if (!row_grads) continue;
       at::Tensor dhc = dh_c.narrow(0, r0, m);
       at::mm_out(dhc, lc, weight);
       if (acc32) {
@@ -189,6 +205,44 @@ Result run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor&
       }
       if (has_bias) db_acc.add_(lc.sum(0, false, loss_dtype));
     }
+  }
+  if (vocab_order) {
+    // pass 2, over vocabulary blocks of all n rows: each dweight block is one GEMM over every row
+    // (written once), and dhidden (n, H) accumulates over the blocks (in fp32 for 16-bit inputs).
+    const int64_t most = o.vocab_chunk > 0 ? o.vocab_chunk
+        : std::max<int64_t>(64, ((hidden.is_cuda() ? int64_t(256) : int64_t(32)) << 20) / (n * hidden.element_size()));
+    const int64_t nblocks = (V + most - 1) / most;
+    int64_t vb_max = (V + nblocks - 1) / nblocks;
+    if (vb_max > 64) vb_max = std::min(V, (vb_max + 15) / 16 * 16);
+    const bool dh32 = is_16bit(hidden.scalar_type()) && nblocks > 1;
+    at::Tensor dh_acc = dh32 ? at::empty({n, H}, opts.dtype(at::kFloat)) : dh_c;
+    at::Tensor dh_tmp = dh32 ? at::empty({n, H}, opts) : at::Tensor();
+    at::Tensor buf = at::empty({n * vb_max}, opts);
+    p.lse_given = true, p.write_grad = true, p.lse = lse_c.data_ptr(), p.V_total = V;
+    p.target = t.data_ptr<int64_t>(), p.rows = n;
+    p.row_grad = rg.defined() ? rg.data_ptr() : nullptr;
+    for (int64_t v0 = 0; v0 < V; v0 += vb_max) {
+      const int64_t vb = std::min(vb_max, V - v0);
+      at::Tensor lb = buf.narrow(0, 0, n * vb).view({n, vb});
+      const at::Tensor wb = weight.narrow(0, v0, vb);
+      if (has_bias) at::addmm_out(lb, bias_opt->narrow(0, v0, vb), h, wb.t());
+      else at::mm_out(lb, h, wb.t());
+      p.logits = lb.data_ptr(), p.ld = vb, p.V = vb, p.v0 = v0;
+      run_rows(p, hidden);
+      at::Tensor dwb = dw_acc.narrow(0, v0, vb);
+      at::mm_out(dwb, lb.t(), h);
+      if (dh32) {
+        at::mm_out(dh_tmp, lb, wb);
+        if (v0 == 0) dh_acc.copy_(dh_tmp);
+        else dh_acc.add_(dh_tmp);
+      } else if (v0 == 0) {
+        at::mm_out(dh_acc, lb, wb);
+      } else {
+        dh_acc.addmm_(lb, wb);
+      }
+      if (has_bias) db_acc.narrow(0, v0, vb).copy_(lb.sum(0, false, loss_dtype));
+    }
+    if (dh32) dh_c = dh_acc.to(hidden.scalar_type());
   }
   res.loss_rows = compact ? at::zeros({N}, opts.dtype(loss_dtype)).index_copy_(0, idx, loss_c) : loss_c;
   if (grads) {
@@ -209,8 +263,8 @@ at::Tensor none_like(const at::Tensor& hidden) { return at::empty({0}, hidden.op
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const c10::optional<at::Tensor>& bias,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, c10::string_view reduction,
-    bool compute_grads, int64_t chunk_rows) {
-  const Opts o{ignore_index, label_smoothing, z_loss, softcap, parse_reduction(reduction), chunk_rows};
+    bool compute_grads, int64_t chunk_rows, int64_t vocab_chunk) {
+  const Opts o{ignore_index, label_smoothing, z_loss, softcap, parse_reduction(reduction), chunk_rows, vocab_chunk};
   LLMCORE_CHECK(!(compute_grads && o.reduction == Reduction::None),
                 "argument 'compute_grads' must be False for reduction='none' (its backward recomputes)");
   Result r = run(hidden, weight, target, bias, o, at::Tensor(), 1.0, compute_grads);
@@ -227,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_en
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_bwd(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
     const c10::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
-    c10::string_view reduction, int64_t chunk_rows) {
-  const Opts o{ignore_index, label_smoothing, z_loss, softcap, parse_reduction(reduction), chunk_rows};
+    c10::string_view reduction, int64_t chunk_rows, int64_t vocab_chunk) {
+  const Opts o{ignore_index, label_smoothing, z_loss, softcap, parse_reduction(reduction), chunk_rows, vocab_chunk};
   check_defined(grad_loss, "grad_loss");
   at::Tensor row_grad;
   double scale = 1.0;

@@ -28,11 +28,48 @@ LLMCORE_INLINE acc_t<T> load_z(const T* x, int64_t v, acc_t<T> cap, acc_t<T> inv
   return xv;
 }
 
+// dx over the row's V columns from a known lse; dx at local column tl (the target, when 0 <= tl < V)
+// gets the extra -(1 - eps).
+template <typename T, bool CAP>
+LLMCORE_INLINE void grad_loop(const FlceRowsParams& p, int64_t r, T* x, int64_t tl, acc_t<T> lse) {
+  using A = acc_t<T>;
+  const int64_t V = p.V;
+  const A cap = A(p.softcap), inv_cap = CAP ? A(1) / A(p.softcap) : A(0);
+  const A eps = A(p.label_smoothing), zc = A(p.z_loss), eps_v = eps / A(p.V_total);
+  const A g = A(p.scale) * (p.row_grad ? static_cast<const A*>(p.row_grad)[r] : A(1));
+  const A a = A(1) + A(2) * zc * lse;
+  const bool has_t = tl >= 0 && tl < V;
+  // the target's dx first: the loop below overwrites x[tl]
+  A dt = 0;
+  if (has_t) {
+    const A zt = load_z<T, CAP>(x, tl, cap, inv_cap);
+    dt = std::exp(zt - lse) * a - eps_v - (A(1) - eps);
+    if constexpr (CAP) {
+      const A th = zt * inv_cap;
+      dt *= A(1) - th * th;
+    }
+    dt *= g;
+  }
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    A d;
+    if constexpr (CAP) {
+      const A th = std::tanh(A(widen(x[v])) * inv_cap);
+      d = (exp_for_sigmoid(cap * th - lse) * a - eps_v) * (A(1) - th * th);
+    } else {
+      d = exp_for_sigmoid(A(widen(x[v])) - lse) * a - eps_v;
+    }
+    x[v] = narrow<T>(d * g);
+  }
+  if (has_t) x[tl] = narrow<T>(dt);
+}
+
 template <typename T, bool CAP>
 LLMCORE_INLINE void one_row(const FlceRowsParams& p, int64_t r) {
   using A = acc_t<T>;
   T* x = static_cast<T*>(p.logits) + r * p.ld;
   const int64_t V = p.V, t = p.target[r];
+  if (p.lse_given) return grad_loop<T, CAP>(p, r, x, t - p.v0, static_cast<const A*>(p.lse)[r]);
   const A cap = A(p.softcap), inv_cap = CAP ? A(1) / A(p.softcap) : A(0);
   A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
@@ -53,28 +90,8 @@ LLMCORE_INLINE void one_row(const FlceRowsParams& p, int64_t r) {
   // the smoothing term only when eps > 0: a -inf logit makes sz -inf, and 0 * -inf would be NaN
   const A smooth = eps > A(0) ? eps_v * sz : A(0);
   static_cast<A*>(p.loss)[r] = lse - (A(1) - eps) * zt - smooth + zc * lse * lse;
-  if (!p.write_grad) return;
-  const A g = A(p.scale) * (p.row_grad ? static_cast<const A*>(p.row_grad)[r] : A(1));
-  const A a = A(1) + A(2) * zc * lse;
-  // the target's dx first: the loop below overwrites x[t]
-  A dt = std::exp(zt - lse) * a - eps_v - (A(1) - eps);
-  if constexpr (CAP) {
-    const A th = zt * inv_cap;
-    dt *= A(1) - th * th;
-  }
-  dt *= g;
-#pragma omp simd
-  for (int64_t v = 0; v < V; ++v) {
-    A d;
-    if constexpr (CAP) {
-      const A th = std::tanh(A(widen(x[v])) * inv_cap);
-      d = (exp_for_sigmoid(cap * th - lse) * a - eps_v) * (A(1) - th * th);
-    } else {
-      d = exp_for_sigmoid(A(widen(x[v])) - lse) * a - eps_v;
-    }
-    x[v] = narrow<T>(d * g);
-  }
-  x[t] = narrow<T>(dt);
+  if (p.lse) static_cast<A*>(p.lse)[r] = lse;
+  if (p.write_grad) grad_loop<T, CAP>(p, r, x, t, lse);
 }
 
 template <typename T>

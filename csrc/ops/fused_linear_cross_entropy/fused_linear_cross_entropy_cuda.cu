@@ -1,8 +1,9 @@
 // fused_linear_cross_entropy_cuda.cu — CUDA kernel of the fused softmax / loss / gradient pass
 // (math in fused_linear_cross_entropy.h; the chunk GEMMs go through cuBLAS from the ATen layer).
 //
-// One block of kThreads threads per row of the (rows, V) logits chunk; threads stride over the V
-// columns. Three passes over the row (max; sum of exp(z - max) and of z; dx written in place), with
+// One block of kThreads threads per row of the (rows, V) logits buffer (whole rows, or a vocabulary
+// block with the row's lse given: then only the gradient pass runs); threads stride over the V
+// columns. Three passes over a whole row (max; sum of exp(z - max) and of z; dx written in place), with
 // block reductions between them: the row (V * 2 bytes in bf16: 300 KB at V = 151936) is read from
 // L2 after the first pass. Numerics: fp32 math, expf / logf / tanhf; NaN propagates through the
 // sums (fmaxf drops a NaN, so the max may be finite, but exp(NaN - m) makes the sum NaN).
@@ -41,35 +42,44 @@ __global__ void __launch_bounds__(kThreads) flce_rows_kernel(FlceRowsParams p) {
   T* x = static_cast<T*>(p.logits) + r * p.ld;
   const int64_t V = p.V, t = p.target[r];
   const float cap = float(p.softcap), inv_cap = CAP ? 1.f / float(p.softcap) : 0.f;
-  float m = -INFINITY;
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, load_z<T, CAP>(x, v, cap, inv_cap));
-  m = block_max(m, scratch);
-  float s = 0.f, sz = 0.f;
-  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    const float z = load_z<T, CAP>(x, v, cap, inv_cap);
-    s += expf(z - m);
-    sz += z;
+  const float eps = float(p.label_smoothing), zc = float(p.z_loss), eps_v = eps / float(p.V_total);
+  float lse;
+  if (p.lse_given) {
+    lse = static_cast<const float*>(p.lse)[r];
+  } else {
+    float m = -INFINITY;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, load_z<T, CAP>(x, v, cap, inv_cap));
+    m = block_max(m, scratch);
+    float s = 0.f, sz = 0.f;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+      const float z = load_z<T, CAP>(x, v, cap, inv_cap);
+      s += expf(z - m);
+      sz += z;
+    }
+    s = block_row_sum(s, scratch);
+    sz = block_row_sum(sz, scratch);
+    lse = m + logf(s);
+    const float zt = load_z<T, CAP>(x, t, cap, inv_cap);
+    const float smooth = eps > 0.f ? eps_v * sz : 0.f;  // 0 * -inf (a -inf logit) would be NaN
+    if (threadIdx.x == 0) {
+      static_cast<float*>(p.loss)[r] = lse - (1.f - eps) * zt - smooth + zc * lse * lse;
+      if (p.lse) static_cast<float*>(p.lse)[r] = lse;
+    }
+    if (!p.write_grad) return;
+    __syncthreads();  // every thread has read x[t] before it is overwritten
   }
-  s = block_row_sum(s, scratch);
-  sz = block_row_sum(sz, scratch);
-  const float lse = m + logf(s);
-  const float eps = float(p.label_smoothing), zc = float(p.z_loss), eps_v = eps / float(V);
-  const float zt = load_z<T, CAP>(x, t, cap, inv_cap);
-  const float smooth = eps > 0.f ? eps_v * sz : 0.f;  // 0 * -inf (a -inf logit) would be NaN
-  if (threadIdx.x == 0) static_cast<float*>(p.loss)[r] = lse - (1.f - eps) * zt - smooth + zc * lse * lse;
-  if (!p.write_grad) return;
-  __syncthreads();  // every thread has read x[t] before it is overwritten
+  const int64_t tl = t - p.v0;  // the target's column in this buffer (outside [0, V): not in the block)
   const float g = float(p.scale) * (p.row_grad ? static_cast<const float*>(p.row_grad)[r] : 1.f);
   const float a = 1.f + 2.f * zc * lse;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
     const float xv = to_f32(x[v]);
-    float d, dcap = 1.f, z = xv;
+    float dcap = 1.f, z = xv;
     if (CAP) {
       const float th = tanhf(xv * inv_cap);
       z = cap * th;
       dcap = 1.f - th * th;
     }
-    d = expf(z - lse) * a - eps_v - (v == t ? 1.f - eps : 0.f);
+    const float d = expf(z - lse) * a - eps_v - (v == tl ? 1.f - eps : 0.f);
     x[v] = from_f32<T>(d * dcap * g);
   }
 }
