@@ -254,22 +254,24 @@ def test_flce_leading_dims():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_flce_opcheck(device, dtype):
+    """Every dtype: both schemas once; float32: every mode (reductions, grads in the forward or not,
+    bias or not, both loop orders, softcap)."""
     h, w, t, b = _inputs(11, 16, 70, dtype, device, seed=6, bias=True)
     ops = torch.ops.llmcore
-    for reduction, cg in (("mean", True), ("sum", True), ("mean", False), ("none", False)):
-        for bias in (None, b):
-            torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default,
-                                  (h, w, t, bias, -100, 0.1, 1e-3, 0.0, reduction, cg, 4, 0))
-            torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default,
-                                  (h, w, t, bias, -100, 0.1, 1e-3, 0.0, reduction, cg, 4, 16))
-    torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default, (h, w, t, b, -100, 0.0, 0.0, 4.0, "mean", True, 0, 0))
     gl = make((11,), torch.float32, device)
-    torch.library.opcheck(ops.fused_linear_cross_entropy_bwd.default,
-                          (gl, h.detach(), w.detach(), t, b.detach(), -100, 0.1, 1e-3, 4.0, "none", 3, 0))
-    torch.library.opcheck(ops.fused_linear_cross_entropy_bwd.default,
-                          (gl, h.detach(), w.detach(), t, b.detach(), -100, 0.1, 1e-3, 4.0, "none", 3, 32))
-    torch.library.opcheck(ops.fused_linear_cross_entropy_bwd.default,
-                          (gl[0], h.detach(), w.detach(), t, None, -100, 0.0, 0.0, 0.0, "mean", 0, 0))
+    fwd = [(b, "mean", True, 4, 0, 0.0)]
+    bwd = [(gl, b, "none", 3, 0)]
+    if dtype == torch.float32:
+        fwd += [(bias, red, cg, 4, vc, 0.0) for red, cg in (("mean", True), ("sum", True), ("mean", False), ("none", False))
+                for bias in (None, b) for vc in (0, 16)] + [(b, "mean", True, 0, 0, 4.0)]
+        bwd += [(gl, b, "none", 3, 32), (gl[0], None, "mean", 0, 0)]
+    for bias, red, cg, rows, vc, cap in fwd:
+        torch.library.opcheck(ops.fused_linear_cross_entropy_fwd.default,
+                              (h, w, t, bias, -100, 0.1, 1e-3, cap, red, cg, rows, vc))
+    for g, bias, red, rows, vc in bwd:
+        torch.library.opcheck(ops.fused_linear_cross_entropy_bwd.default,
+                              (g, h.detach(), w.detach(), t, None if bias is None else bias.detach(), -100, 0.1, 1e-3,
+                               4.0, red, rows, vc))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

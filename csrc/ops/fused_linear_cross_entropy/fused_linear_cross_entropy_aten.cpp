@@ -102,7 +102,9 @@ int64_t pick_chunk(int64_t n, int64_t V, int64_t elsize, bool cuda, int64_t chun
 void run_rows(FlceRowsParams& p, const at::Tensor& like) {
   if (p.rows == 0) return;
   if (like.is_cpu()) {
-    at::parallel_for(0, p.rows, 1, [&](int64_t b, int64_t e) { fused_linear_cross_entropy_rows_cpu(p, b, e); });
+    // at least ~32K logits per task: a small problem stays on one thread (waking the pool costs more)
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(p.V, 1));
+    at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { fused_linear_cross_entropy_rows_cpu(p, b, e); });
     return;
   }
 #ifdef LLMCORE_WITH_CUDA
