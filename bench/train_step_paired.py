@@ -33,7 +33,7 @@ def make(provider, batch, seq, state=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return model, step
 
