@@ -43,6 +43,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_gemm.h"
 #include "common/cpu_utils.h"
 #include "flash_attn/flash_attn.h"
 #include "flash_attn/flash_attn_cpu_tile.h"
@@ -177,6 +178,19 @@ FA_INLINE void pack_cols(uint16_t* dst, const uint16_t* src, int64_t row_stride,
   }
 }
 
+// 32-bit transpose: dst[c][r] = src[r][c] for r < R (R <= 32, multiple of 16 or padded by the
+// caller's buffer), c < C; the AMX backward turns the vnni pairs of Q / dO ([BQ/2][Dp] 32-bit) into
+// row-major Q^T / dO^T ([Dp][BQ] bf16 = [Dp][BQ/2] 32-bit), the A operands of dK^T / dV^T.
+FA_INLINE void transpose32(uint32_t* dst, const uint32_t* src, int R, int64_t C, int64_t ld_src, int64_t ld_dst) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(ld_src)));
+  for (int r0 = 0; r0 < R; r0 += 16) {
+    const uint32_t* s = src + r0 * ld_src;
+    for (int64_t c = 0; c < C; ++c)
+      _mm512_storeu_si512(dst + c * ld_dst + r0, _mm512_i32gather_epi32(idx, s + c, 4));
+  }
+}
+
 // 16 bf16 (lanes past the mask read as 0) -> fp32
 FA_INLINE __m512 widen16(const uint16_t* p, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
@@ -258,6 +272,7 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
   const uint16_t* tiles = bits(p.kv_tiles);
   uint16_t* out = static_cast<uint16_t*>(p.out);
   float* lse = static_cast<float*>(p.lse);
+  const bool amx = p.cpu_gemm == CpuGemm::kAmx;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % nqb, h = (item / nqb) % Hq, b = item / nqb / Hq;
     const Seq s = seq_of(p, b);
@@ -284,7 +299,10 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
         pack_vnni(Vv, bits(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, n, BK, D,
                   Dp);
       }
-      dp_gemm(m, BK, D2, Qb, Dp / 2, 1, KtB, 2 * BK, S, BK, false);
+      if (amx)
+        amx_gemm_bf16(m, BK, Dp, Qb, Dp, KtB, BK, S, BK, false);
+      else
+        dp_gemm(m, BK, D2, Qb, Dp / 2, 1, KtB, 2 * BK, S, BK, false);
       const bool diag = p.causal && j0 + BK - 1 > i0 + off;
       for (int i = 0; i < m; ++i) {  // one pass per row: scale, mask, max, exp2, sum, round to bf16
         const float* si = S + i * BK;
@@ -330,7 +348,10 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
           for (int64_t c = 0; c < Dp; c += 16) _mm512_storeu_ps(oi + c, _mm512_mul_ps(_mm512_loadu_ps(oi + c), av));
         }
       }
-      dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, Pb, BK / 2, 1, VB, 2 * Dp, O, Dp, true);
+      if (amx)
+        amx_gemm_bf16(m, Dp, (n + 1) / 2 * 2, Pb, BK, VB, Dp, O, Dp, true);
+      else
+        dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, Pb, BK / 2, 1, VB, 2 * Dp, O, Dp, true);
     }
     for (int i = 0; i < m; ++i) {
       uint16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
@@ -344,6 +365,7 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
       }
     }
   }
+  if (amx) amx_gemm_release();
 }
 
 FA_INLINE void pack_kv_range(const FlashAttnParams& p, void* tiles_v, int64_t begin, int64_t end) {
@@ -369,7 +391,7 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   // per chunk key block: Kt cols, Kv vnni, Vt cols (bf16), dK, dV (fp32)
   std::vector<uint16_t> kvbuf(kChunk * 3 * BK * Dp);
   std::vector<float> dkv(kChunk * 2 * BK * Dp);
-  std::vector<uint16_t> qbuf(4 * BQ * Dp + 3 * BQ * BK);
+  std::vector<uint16_t> qbuf(6 * BQ * Dp + 3 * BQ * BK);
   std::vector<float> fbuf(2 * BQ * BK + 2 * BQ);
   uint16_t* Qb = qbuf.data();   // [BQ][Dp]
   uint16_t* Qv = Qb + BQ * Dp;  // vnni [BQ/2][Dp][2]
@@ -378,6 +400,9 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   uint16_t* Pv = dOv + BQ * Dp;  // vnni [BQ/2][BK][2]
   uint16_t* dSv = Pv + BQ * BK;  // vnni [BQ/2][BK][2]
   uint16_t* dSb = dSv + BQ * BK;  // [BQ][BK]
+  uint16_t* QT = dSb + BQ * BK;   // AMX: Q^T [Dp][BQ] row-major
+  uint16_t* dOT = QT + BQ * Dp;   // AMX: dO^T [Dp][BQ]
+  std::vector<float> tbuf(BK * Dp);  // AMX: dK / dV of one key block back in rows
   float* P = fbuf.data();  // [BQ][BK]
   float* dS = P + BQ * BK;
   float* lse2 = dS + BQ * BK;
@@ -391,6 +416,10 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   uint16_t* dk = static_cast<uint16_t*>(p.dk);
   uint16_t* dv = static_cast<uint16_t*>(p.dv);
   float* dq_accum = static_cast<float*>(p.dq_accum);
+  // AMX keeps dK / dV transposed ([Dp][BK]: dV^T += dO^T P, dK^T += Q^T dS), so that every A operand
+  // is row-major as the brgemm wants (P^T / dS^T would need a transpose per key block; Q^T / dO^T
+  // are made once per query block and reused across the chunk's key blocks).
+  const bool amx = p.cpu_gemm == CpuGemm::kAmx;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t split = item % ns, hk = (item / ns) % Hkv, b = item / ns / Hkv;
     const Seq s = seq_of(p, b);
@@ -429,6 +458,11 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
           const int mp = (m + 1) / 2 * 2;
           pack_vnni(Qv, qp, p.q_row_stride, m, mp, D, Dp);
           pack_vnni(dOv, dop, Hq * D, m, mp, D, Dp);
+          if (amx) {
+            transpose32(reinterpret_cast<uint32_t*>(QT), reinterpret_cast<const uint32_t*>(Qv), BQ / 2, Dp, Dp, BQ / 2);
+            transpose32(reinterpret_cast<uint32_t*>(dOT), reinterpret_cast<const uint32_t*>(dOv), BQ / 2, Dp, Dp,
+                        BQ / 2);
+          }
           for (int i = 0; i < m; ++i) {
             const uint16_t* oi = bits(p.out) + ((s.row0 + i0 + i) * Hq + h) * D;
             const uint16_t* doi = dop + i * Hq * D;
@@ -447,7 +481,10 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
             const uint16_t* Vt = Kv + BK * Dp;
             float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
             float* dV = dK + BK * Dp;
-            dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);  // S = Q K^T
+            if (amx)
+              amx_gemm_bf16(m, BK, Dp, Qb, Dp, Kt, BK, P, BK, false);  // S = Q K^T
+            else
+              dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);
             const bool diag = p.causal && j0 + BK - 1 > i0 + off;
             // P = exp2(S * scale log2 e - lse log2 e), masked; fp32 rows for dS and vnni bf16 pairs
             for (int i = 0; i < m; i += 2) {
@@ -474,8 +511,13 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
                 _mm512_storeu_si512(Pv + i * BK + 32 * x,
                                     _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(pr[1][x], pr[0][x])));
             }
-            dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
-            dp_gemm(m, BK, D2, dOb, Dp / 2, 1, Vt, 2 * BK, dS, BK, false);                  // dP = dO V^T
+            if (amx) {
+              amx_gemm_bf16(Dp, BK, mp, dOT, BQ, Pv, BK, dV, BK, true);  // dV^T += dO^T P
+              amx_gemm_bf16(m, BK, Dp, dOb, Dp, Vt, BK, dS, BK, false);  // dP = dO V^T
+            } else {
+              dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
+              dp_gemm(m, BK, D2, dOb, Dp / 2, 1, Vt, 2 * BK, dS, BK, false);                  // dP = dO V^T
+            }
             // dS = scale * P * (dP - delta) in fp32 -> bf16 row-major (for dQ) and vnni pairs (for dK)
             for (int i = 0; i < m; i += 2) {
               __m512 d[2][BK / 16];
@@ -503,9 +545,14 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
                 _mm512_storeu_si512(dSv + i * BK + 32 * x,
                                     _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(d[1][x], d[0][x])));
             }
-            dp_gemm(BK, static_cast<int>(Dp), mp / 2, dSv, 1, BK, Qv, 2 * Dp, dK, Dp, true);  // dK += dS^T Q
-            dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, dSb, BK / 2, 1, Kv, 2 * Dp,          // dQ += dS K
-                    dqa + ((s.row0 + i0) * Hq + h) * Dp, Hq * Dp, true);
+            float* dqrow = dqa + ((s.row0 + i0) * Hq + h) * Dp;
+            if (amx) {
+              amx_gemm_bf16(Dp, BK, mp, QT, BQ, dSv, BK, dK, BK, true);                     // dK^T += Q^T dS
+              amx_gemm_bf16(m, Dp, (n + 1) / 2 * 2, dSb, BK, Kv, Dp, dqrow, Hq * Dp, true);  // dQ += dS K
+            } else {
+              dp_gemm(BK, static_cast<int>(Dp), mp / 2, dSv, 1, BK, Qv, 2 * Dp, dK, Dp, true);  // dK += dS^T Q
+              dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, dSb, BK / 2, 1, Kv, 2 * Dp, dqrow, Hq * Dp, true);
+            }
           }
         }
       }
@@ -514,6 +561,15 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
         const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
         const float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
         const float* dV = dK + BK * Dp;
+        if (amx) {  // [Dp][BK] -> rows, into the dK / dV slots
+          float* d = dkv.data() + (kb - c0) * 2 * BK * Dp;
+          for (int t = 0; t < 2; ++t) {
+            float* x = d + t * BK * Dp;
+            for (int64_t c = 0; c < Dp; ++c)
+              for (int jj = 0; jj < BK; ++jj) tbuf[jj * Dp + c] = x[c * BK + jj];
+            std::memcpy(x, tbuf.data(), BK * Dp * sizeof(float));
+          }
+        }
         for (int jj = 0; jj < n; ++jj) {
           store_row(dk + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, dK + jj * Dp, 1.f, D);
           store_row(dv + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, dV + jj * Dp, 1.f, D);
@@ -521,6 +577,7 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
       }
     }
   }
+  if (amx) amx_gemm_release();
 }
 
 }  // namespace
