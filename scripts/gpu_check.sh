@@ -42,7 +42,7 @@ op_files() {  # the op test files in priority order, then any other tests/ops fi
   done
 }
 declare -A BUDGET=([preflight]=25 [build]=200 [test_flash_attn]=40 [test_rms_norm]=25 [test_moe]=20
-                   [test_rope]=15 [test_swiglu]=15 [test_nf4]=15 [memcheck]=40 [racecheck]=40 [bench]=60)
+                   [test_rope]=15 [test_swiglu]=15 [test_nf4]=15 [test_launch_limits]=30 [memcheck]=40 [racecheck]=40 [bench]=60)
 TEST_DEFAULT_BUDGET=15
 DEADLINE=${LLMCORE_GPU_DEADLINE_S:-540}
 STAGES=(preflight build)
