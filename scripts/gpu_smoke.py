@@ -179,7 +179,7 @@ def main():
                     print(f"ok       {name}", flush=True)
                 except RuntimeError as e:
                     msg = str(e).strip().splitlines()[0][:160]
-                    if "CUDA" in msg or "illegal" in msg or "misaligned address" in msg:
+                    if any(w in str(e) for w in ("CUDA error", "cudaError", "illegal memory", "misaligned address")):
                         print(f"FAILED   {name}: {msg}  (CUDA error: the context is lost, stopping)", flush=True)
                         print(f"DETAIL: {ok} ok, {refused} refused, {failed + 1} failed; stopped at {name}")
                         return 1
