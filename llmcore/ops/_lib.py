@@ -4,8 +4,12 @@ The extension (llmcore._C) registers the `torch.ops.llmcore.*` schemas and their
 implementations. Without it, importing llmcore.ops fails with instructions: there is no silent
 fallback. `LLMCORE_BACKEND=reference` (or `set_backend("reference")`) routes every public op
 through its pure-PyTorch `<op>_reference` instead — a debugging and comparison aid.
+
+CUDA_DISABLED routes single ops off their CUDA kernel: a kernel that failed on a GPU
+(scripts/gpu_check.sh) is listed there until it is fixed, so it is never left enabled.
 """
 import os
+import warnings
 
 import torch
 
@@ -58,8 +62,27 @@ def get_backend() -> str:
     return _backend
 
 
-def use_reference() -> bool:
-    return _backend == "reference"
+# Ops whose CUDA kernel is routed off: public op name (the function in llmcore.ops) -> why (the
+# failing test or sanitizer report, the GPU, date and commit). On a CUDA tensor such an op runs its
+# pure-PyTorch `<op>_reference` (rope_ runs rope_reference in place), with a RuntimeWarning the
+# first time; CPU calls are unchanged. Empty: every kernel is enabled.
+#   e.g. CUDA_DISABLED = {"flash_attn_varlen": "fwd NaN at 4096 sequences (H200, 2026-12-01, abc1234)"}
+CUDA_DISABLED: dict = {}
+_warned: set = set()
+
+
+def use_reference(op: str, x: torch.Tensor) -> bool:
+    """True when the public op `op` called on tensor `x` must run its `<op>_reference`: the
+    'reference' backend, or `op` is in CUDA_DISABLED and x is on CUDA."""
+    if _backend == "reference":
+        return True
+    if op in CUDA_DISABLED and x.is_cuda:
+        if op not in _warned:
+            _warned.add(op)
+            warnings.warn(f"llmcore: {op} is routed off its CUDA kernel to {op.rstrip('_')}_reference "
+                          f"(llmcore/ops/_lib.py CUDA_DISABLED): {CUDA_DISABLED[op]}", RuntimeWarning, stacklevel=3)
+        return True
+    return False
 
 
 load_extension()
