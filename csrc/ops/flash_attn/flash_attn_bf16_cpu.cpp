@@ -272,7 +272,6 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
   const uint16_t* tiles = bits(p.kv_tiles);
   uint16_t* out = static_cast<uint16_t*>(p.out);
   float* lse = static_cast<float*>(p.lse);
-  const bool amx = p.cpu_gemm == CpuGemm::kAmx;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t qb = item % nqb, h = (item / nqb) % Hq, b = item / nqb / Hq;
     const Seq s = seq_of(p, b);
@@ -299,10 +298,7 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
         pack_vnni(Vv, bits(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, n, BK, D,
                   Dp);
       }
-      if (amx)
-        amx_gemm_bf16(m, BK, Dp, Qb, Dp, KtB, BK, S, BK, false);
-      else
-        dp_gemm(m, BK, D2, Qb, Dp / 2, 1, KtB, 2 * BK, S, BK, false);
+      dp_gemm(m, BK, D2, Qb, Dp / 2, 1, KtB, 2 * BK, S, BK, false);
       const bool diag = p.causal && j0 + BK - 1 > i0 + off;
       for (int i = 0; i < m; ++i) {  // one pass per row: scale, mask, max, exp2, sum, round to bf16
         const float* si = S + i * BK;
@@ -348,10 +344,7 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
           for (int64_t c = 0; c < Dp; c += 16) _mm512_storeu_ps(oi + c, _mm512_mul_ps(_mm512_loadu_ps(oi + c), av));
         }
       }
-      if (amx)
-        amx_gemm_bf16(m, Dp, (n + 1) / 2 * 2, Pb, BK, VB, Dp, O, Dp, true);
-      else
-        dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, Pb, BK / 2, 1, VB, 2 * Dp, O, Dp, true);
+      dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, Pb, BK / 2, 1, VB, 2 * Dp, O, Dp, true);
     }
     for (int i = 0; i < m; ++i) {
       uint16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
@@ -365,7 +358,145 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
       }
     }
   }
-  if (amx) amx_gemm_release();
+}
+
+// ---- forward on AMX ----
+// As fwd_range, but the key blocks go in groups of kGroup: the group's S = Q K^T tiles are computed
+// back to back, then one online-softmax step over all the group's keys (row max over up to 256 keys,
+// one rescale of O per group), then the group's O += P V back to back. Why: an AMX brgemm call
+// costs ~0.35 us at 64 x 64 x 64, and switching between two GEMM shapes (S, then P V) costs about as
+// much again (tile reconfiguration; measured, bench/RESULTS.md); grouping makes 2 switches per group
+// instead of 2 per key block and divides the per-row softmax bookkeeping by kGroup. Same numerics
+// contract (fp32 softmax, P rounded to bf16); the row max over a group instead of a block changes
+// only how P is scaled before rounding, as a larger key block would.
+constexpr int kGroup = 4;
+
+FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t end) {
+  const int64_t D = p.head_dim, Dp = round16(D), Hq = p.heads_q, G = Hq / p.heads_kv;
+  const int64_t nqb = (p.seqlen_q + BQ - 1) / BQ, nkb = (p.seqlen_k + BK - 1) / BK;
+  std::vector<uint16_t> hbuf(BQ * Dp + kGroup * (2 * Dp * BK + BQ * BK));
+  std::vector<float> fbuf(kGroup * BQ * BK + BQ * Dp + 2 * BQ);
+  uint16_t* Qb = hbuf.data();                 // [BQ][Dp]
+  uint16_t* Kt = Qb + BQ * Dp;                // per block of the group: cols [Dp/2][BK][2]
+  uint16_t* Vv = Kt + kGroup * Dp * BK;       // per block: vnni [BK/2][Dp][2]
+  uint16_t* Pb = Vv + kGroup * BK * Dp;       // per block: [BQ][BK]
+  float* S = fbuf.data();                     // per block: [BQ][BK]
+  float* O = S + kGroup * BQ * BK;
+  float* mrow = O + BQ * Dp;
+  float* lrow = mrow + BQ;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m512 qmul = _mm512_set1_ps(static_cast<float>(p.scale) * static_cast<float>(kLog2e));
+  const uint16_t* tiles = bits(p.kv_tiles);
+  uint16_t* out = static_cast<uint16_t*>(p.out);
+  float* lse = static_cast<float*>(p.lse);
+  const uint16_t* KtB[kGroup];
+  const uint16_t* VB[kGroup];
+  int nk[kGroup];
+  int64_t lim0[kGroup];  // block g: row i sees keys [0, min(nk, lim0 + i)) of it (causal diagonal)
+  bool diag[kGroup];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t qb = item % nqb, h = (item / nqb) % Hq, b = item / nqb / Hq;
+    const Seq s = seq_of(p, b);
+    const int64_t i0 = qb * BQ;
+    if (i0 >= s.sq) continue;
+    const int m = static_cast<int>(std::min<int64_t>(BQ, s.sq - i0));
+    const int64_t hk = h / G, off = s.sk - s.sq;
+    int64_t kend = p.causal ? std::min<int64_t>(s.sk, i0 + m + off) : s.sk;
+    kend = std::max<int64_t>(kend, 0);
+    const uint16_t* qp = bits(p.q) + s.q_off + i0 * p.q_row_stride + h * p.q_head_stride;
+    for (int i = 0; i < m; ++i) copy_row(Qb + i * Dp, qp + i * p.q_row_stride, D, Dp);
+    std::fill(O, O + m * Dp, 0.f);
+    std::fill(mrow, mrow + m, ninf);
+    std::fill(lrow, lrow + m, 0.f);
+    for (int64_t j0 = 0; j0 < kend; j0 += kGroup * BK) {
+      const int ng = static_cast<int>(std::min<int64_t>(kGroup, (kend - j0 + BK - 1) / BK));
+      for (int g = 0; g < ng; ++g) {
+        const int64_t jg = j0 + g * BK;
+        nk[g] = static_cast<int>(std::min<int64_t>(BK, kend - jg));
+        diag[g] = p.causal && jg + BK - 1 > i0 + off;
+        lim0[g] = i0 + off - jg + 1;
+        if (tiles) {
+          KtB[g] = tiles + ((b * p.heads_kv + hk) * nkb + jg / BK) * 2 * Dp * BK;
+          VB[g] = KtB[g] + Dp * BK;
+        } else {
+          uint16_t* kt = Kt + g * Dp * BK;
+          uint16_t* vv = Vv + g * BK * Dp;
+          pack_cols(kt, bits(p.k) + s.k_off + jg * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride, nk[g], D, Dp);
+          pack_vnni(vv, bits(p.v) + s.v_off + jg * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, nk[g], BK, D,
+                    Dp);
+          KtB[g] = kt;
+          VB[g] = vv;
+        }
+      }
+      for (int g = 0; g < ng; ++g) amx_gemm_bf16(m, BK, Dp, Qb, Dp, KtB[g], BK, S + g * BQ * BK, BK, false);
+      for (int i = 0; i < m; ++i) {
+        // pass 1: scale, mask (stored back), row max over the group, NaN seen
+        __m512 mxv = _mm512_set1_ps(ninf);
+        __mmask16 nan = 0;
+        for (int g = 0; g < ng; ++g) {
+          float* si = S + (g * BQ + i) * BK;
+          const int64_t lim = std::max<int64_t>(0, diag[g] ? std::min<int64_t>(nk[g], lim0[g] + i) : nk[g]);
+#pragma GCC unroll 4
+          for (int x = 0; x < BK / 16; ++x) {
+            const __m512 v = mask_tail(_mm512_mul_ps(_mm512_loadu_ps(si + 16 * x), qmul), x, lim);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            mxv = _mm512_max_ps(mxv, v);
+            _mm512_storeu_ps(si + 16 * x, v);
+          }
+        }
+        float mnew = std::max(mrow[i], hmax(mxv));
+        if (mnew == ninf) {
+          if (!nan) {  // nothing visible yet in this row: P = 0
+            for (int g = 0; g < ng; ++g) {
+              uint16_t* pb = Pb + (g * BQ + i) * BK;
+              _mm512_storeu_si512(pb, _mm512_setzero_si512());
+              _mm512_storeu_si512(pb + 32, _mm512_setzero_si512());
+            }
+            continue;
+          }
+          mnew = std::numeric_limits<float>::quiet_NaN();  // every visible score NaN: the row is NaN
+        }
+        // pass 2: P = exp2(s - m) in fp32, summed, rounded to bf16
+        const __m512 mv = _mm512_set1_ps(mnew);
+        __m512 sum = _mm512_setzero_ps();
+        for (int g = 0; g < ng; ++g) {
+          const float* si = S + (g * BQ + i) * BK;
+          uint16_t* pb = Pb + (g * BQ + i) * BK;
+          __m512 e[BK / 16];
+#pragma GCC unroll 4
+          for (int x = 0; x < BK / 16; ++x) {
+            e[x] = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(si + 16 * x), mv));
+            sum = _mm512_add_ps(sum, e[x]);
+          }
+          _mm512_storeu_si512(pb, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
+          _mm512_storeu_si512(pb + 32, (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
+        }
+        const float alpha = mrow[i] == ninf ? 0.f
+                            : mrow[i] == mnew ? 1.f
+                                              : _mm512_cvtss_f32(exp2_ps(_mm512_set1_ps(mrow[i] - mnew)));
+        lrow[i] = lrow[i] * alpha + hsum(sum);
+        mrow[i] = mnew;
+        if (alpha != 1.f) {
+          float* oi = O + i * Dp;
+          const __m512 av = _mm512_set1_ps(alpha);
+          for (int64_t c = 0; c < Dp; c += 16) _mm512_storeu_ps(oi + c, _mm512_mul_ps(_mm512_loadu_ps(oi + c), av));
+        }
+      }
+      for (int g = 0; g < ng; ++g) amx_gemm_bf16(m, Dp, (nk[g] + 1) / 2 * 2, Pb + g * BQ * BK, BK, VB[g], Dp, O, Dp, true);
+    }
+    for (int i = 0; i < m; ++i) {
+      uint16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
+      const int64_t li = lse_index(p, b, s, h, i0 + i);
+      if (lrow[i] == 0.f) {  // no visible key: out = 0 (bf16 +0 is all zero bits)
+        std::memset(oi, 0, D * sizeof(uint16_t));
+        lse[li] = ninf;
+      } else {
+        store_row(oi, O + i * Dp, 1.f / lrow[i], D);
+        lse[li] = (mrow[i] + std::log2(lrow[i])) * static_cast<float>(kLn2);
+      }
+    }
+  }
+  amx_gemm_release();
 }
 
 FA_INLINE void pack_kv_range(const FlashAttnParams& p, void* tiles_v, int64_t begin, int64_t end) {
@@ -481,10 +612,14 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
             const uint16_t* Vt = Kv + BK * Dp;
             float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
             float* dV = dK + BK * Dp;
-            if (amx)
-              amx_gemm_bf16(m, BK, Dp, Qb, Dp, Kt, BK, P, BK, false);  // S = Q K^T
-            else
+            // AMX order: the two GEMMs of one shape back to back (S, dP; then dV^T, dK^T), since a
+            // shape change costs about a call (cpu_gemm.h)
+            if (amx) {
+              amx_gemm_bf16(m, BK, Dp, Qb, Dp, Kt, BK, P, BK, false);   // S = Q K^T
+              amx_gemm_bf16(m, BK, Dp, dOb, Dp, Vt, BK, dS, BK, false);  // dP = dO V^T
+            } else {
               dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);
+            }
             const bool diag = p.causal && j0 + BK - 1 > i0 + off;
             // P = exp2(S * scale log2 e - lse log2 e), masked; fp32 rows for dS and vnni bf16 pairs
             for (int i = 0; i < m; i += 2) {
@@ -511,10 +646,7 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
                 _mm512_storeu_si512(Pv + i * BK + 32 * x,
                                     _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(pr[1][x], pr[0][x])));
             }
-            if (amx) {
-              amx_gemm_bf16(Dp, BK, mp, dOT, BQ, Pv, BK, dV, BK, true);  // dV^T += dO^T P
-              amx_gemm_bf16(m, BK, Dp, dOb, Dp, Vt, BK, dS, BK, false);  // dP = dO V^T
-            } else {
+            if (!amx) {
               dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
               dp_gemm(m, BK, D2, dOb, Dp / 2, 1, Vt, 2 * BK, dS, BK, false);                  // dP = dO V^T
             }
@@ -547,6 +679,7 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
             }
             float* dqrow = dqa + ((s.row0 + i0) * Hq + h) * Dp;
             if (amx) {
+              amx_gemm_bf16(Dp, BK, mp, dOT, BQ, Pv, BK, dV, BK, true);                     // dV^T += dO^T P
               amx_gemm_bf16(Dp, BK, mp, QT, BQ, dSv, BK, dK, BK, true);                     // dK^T += Q^T dS
               amx_gemm_bf16(m, Dp, (n + 1) / 2 * 2, dSb, BK, Kv, Dp, dqrow, Hq * Dp, true);  // dQ += dS K
             } else {
@@ -583,6 +716,7 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
 }  // namespace
 
 FA_TARGET void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams& p, int64_t item_begin, int64_t item_end) {
+  if (p.cpu_gemm == CpuGemm::kAmx) return fwd_range_amx(p, item_begin, item_end);
   fwd_range(p, item_begin, item_end);
 }
 FA_TARGET void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams& p, void* tiles, int64_t tile_begin,
