@@ -18,19 +18,16 @@ _backend = os.environ.get("LLMCORE_BACKEND", "llmcore")
 if _backend not in _BACKENDS:
     raise ValueError(f"LLMCORE_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
 
-# LLMCORE_CPU_GEMM caps the engine of the CPU kernels' tile GEMMs (csrc/common/cpu_gemm.h): the best
-# the CPU has by default (amx > avx512bf16 > the fp32 FMA tiles). The same cap goes to oneDNN, which
-# runs the ATen GEMMs our CPU ops call (fused linear cross-entropy's chunks, the MoE experts', NF4's
-# matmul), through ONEDNN_MAX_CPU_ISA unless that is set: it takes effect when llmcore is imported
-# before torch's first oneDNN call. Read once per process.
+# LLMCORE_CPU_GEMM caps the engine of the CPU flash attention's tile GEMMs (csrc/common/cpu_gemm.h):
+# the best the CPU has by default (amx > avx512bf16 > the fp32 FMA tiles). The ATen GEMMs our other
+# CPU ops call (fused linear cross-entropy's chunks, the MoE experts', NF4's matmul) stay oneDNN's
+# choice (AMX where present): capping oneDNN (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) was measured to
+# drop its bf16 matmul from 1089 to 48 GFLOP/s on one Sapphire Rapids thread, a fallback rather than
+# what an AVX512-BF16 CPU runs, so it is not done here. Read once per process.
 CPU_GEMM_ENGINES = ("amx", "avx512bf16", "avx512", "avx2")
-_ONEDNN_ISA = {"avx512bf16": "AVX512_CORE_BF16", "avx512": "AVX512_CORE", "avx2": "AVX2"}
 _cpu_gemm = os.environ.get("LLMCORE_CPU_GEMM", "")
-if _cpu_gemm:
-    if _cpu_gemm not in CPU_GEMM_ENGINES:
-        raise ValueError(f"LLMCORE_CPU_GEMM must be one of {CPU_GEMM_ENGINES}, got {_cpu_gemm!r}")
-    if _cpu_gemm in _ONEDNN_ISA:
-        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ONEDNN_ISA[_cpu_gemm])
+if _cpu_gemm and _cpu_gemm not in CPU_GEMM_ENGINES:
+    raise ValueError(f"LLMCORE_CPU_GEMM must be one of {CPU_GEMM_ENGINES}, got {_cpu_gemm!r}")
 
 _ext = None
 
