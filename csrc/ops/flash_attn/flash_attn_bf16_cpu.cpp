@@ -522,7 +522,7 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   // per chunk key block: Kt cols, Kv vnni, Vt cols (bf16), dK, dV (fp32)
   std::vector<uint16_t> kvbuf(kChunk * 3 * BK * Dp);
   std::vector<float> dkv(kChunk * 2 * BK * Dp);
-  std::vector<uint16_t> qbuf(6 * BQ * Dp + 3 * BQ * BK);
+  std::vector<uint16_t> qbuf(4 * BQ * Dp + 3 * BQ * BK);
   std::vector<float> fbuf(2 * BQ * BK + 2 * BQ);
   uint16_t* Qb = qbuf.data();   // [BQ][Dp]
   uint16_t* Qv = Qb + BQ * Dp;  // vnni [BQ/2][Dp][2]
@@ -531,9 +531,6 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   uint16_t* Pv = dOv + BQ * Dp;  // vnni [BQ/2][BK][2]
   uint16_t* dSv = Pv + BQ * BK;  // vnni [BQ/2][BK][2]
   uint16_t* dSb = dSv + BQ * BK;  // [BQ][BK]
-  uint16_t* QT = dSb + BQ * BK;   // AMX: Q^T [Dp][BQ] row-major
-  uint16_t* dOT = QT + BQ * Dp;   // AMX: dO^T [Dp][BQ]
-  std::vector<float> tbuf(BK * Dp);  // AMX: dK / dV of one key block back in rows
   float* P = fbuf.data();  // [BQ][BK]
   float* dS = P + BQ * BK;
   float* lse2 = dS + BQ * BK;
@@ -547,10 +544,6 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
   uint16_t* dk = static_cast<uint16_t*>(p.dk);
   uint16_t* dv = static_cast<uint16_t*>(p.dv);
   float* dq_accum = static_cast<float*>(p.dq_accum);
-  // AMX keeps dK / dV transposed ([Dp][BK]: dV^T += dO^T P, dK^T += Q^T dS), so that every A operand
-  // is row-major as the brgemm wants (P^T / dS^T would need a transpose per key block; Q^T / dO^T
-  // are made once per query block and reused across the chunk's key blocks).
-  const bool amx = p.cpu_gemm == CpuGemm::kAmx;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t split = item % ns, hk = (item / ns) % Hkv, b = item / ns / Hkv;
     const Seq s = seq_of(p, b);
@@ -589,11 +582,6 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
           const int mp = (m + 1) / 2 * 2;
           pack_vnni(Qv, qp, p.q_row_stride, m, mp, D, Dp);
           pack_vnni(dOv, dop, Hq * D, m, mp, D, Dp);
-          if (amx) {
-            transpose32(reinterpret_cast<uint32_t*>(QT), reinterpret_cast<const uint32_t*>(Qv), BQ / 2, Dp, Dp, BQ / 2);
-            transpose32(reinterpret_cast<uint32_t*>(dOT), reinterpret_cast<const uint32_t*>(dOv), BQ / 2, Dp, Dp,
-                        BQ / 2);
-          }
           for (int i = 0; i < m; ++i) {
             const uint16_t* oi = bits(p.out) + ((s.row0 + i0 + i) * Hq + h) * D;
             const uint16_t* doi = dop + i * Hq * D;
@@ -612,14 +600,7 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
             const uint16_t* Vt = Kv + BK * Dp;
             float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
             float* dV = dK + BK * Dp;
-            // AMX order: the two GEMMs of one shape back to back (S, dP; then dV^T, dK^T), since a
-            // shape change costs about a call (cpu_gemm.h)
-            if (amx) {
-              amx_gemm_bf16(m, BK, Dp, Qb, Dp, Kt, BK, P, BK, false);   // S = Q K^T
-              amx_gemm_bf16(m, BK, Dp, dOb, Dp, Vt, BK, dS, BK, false);  // dP = dO V^T
-            } else {
-              dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);
-            }
+            dp_gemm(m, BK, D2, Qb, Dp / 2, 1, Kt, 2 * BK, P, BK, false);  // S = Q K^T
             const bool diag = p.causal && j0 + BK - 1 > i0 + off;
             // P = exp2(S * scale log2 e - lse log2 e), masked; fp32 rows for dS and vnni bf16 pairs
             for (int i = 0; i < m; i += 2) {
@@ -646,10 +627,8 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
                 _mm512_storeu_si512(Pv + i * BK + 32 * x,
                                     _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(pr[1][x], pr[0][x])));
             }
-            if (!amx) {
-              dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
-              dp_gemm(m, BK, D2, dOb, Dp / 2, 1, Vt, 2 * BK, dS, BK, false);                  // dP = dO V^T
-            }
+            dp_gemm(BK, static_cast<int>(Dp), mp / 2, Pv, 1, BK, dOv, 2 * Dp, dV, Dp, true);  // dV += P^T dO
+            dp_gemm(m, BK, D2, dOb, Dp / 2, 1, Vt, 2 * BK, dS, BK, false);                  // dP = dO V^T
             // dS = scale * P * (dP - delta) in fp32 -> bf16 row-major (for dQ) and vnni pairs (for dK)
             for (int i = 0; i < m; i += 2) {
               __m512 d[2][BK / 16];
@@ -677,15 +656,9 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
                 _mm512_storeu_si512(dSv + i * BK + 32 * x,
                                     _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(d[1][x], d[0][x])));
             }
-            float* dqrow = dqa + ((s.row0 + i0) * Hq + h) * Dp;
-            if (amx) {
-              amx_gemm_bf16(Dp, BK, mp, dOT, BQ, Pv, BK, dV, BK, true);                     // dV^T += dO^T P
-              amx_gemm_bf16(Dp, BK, mp, QT, BQ, dSv, BK, dK, BK, true);                     // dK^T += Q^T dS
-              amx_gemm_bf16(m, Dp, (n + 1) / 2 * 2, dSb, BK, Kv, Dp, dqrow, Hq * Dp, true);  // dQ += dS K
-            } else {
-              dp_gemm(BK, static_cast<int>(Dp), mp / 2, dSv, 1, BK, Qv, 2 * Dp, dK, Dp, true);  // dK += dS^T Q
-              dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, dSb, BK / 2, 1, Kv, 2 * Dp, dqrow, Hq * Dp, true);
-            }
+            dp_gemm(BK, static_cast<int>(Dp), mp / 2, dSv, 1, BK, Qv, 2 * Dp, dK, Dp, true);  // dK += dS^T Q
+            dp_gemm(m, static_cast<int>(Dp), (n + 1) / 2, dSb, BK / 2, 1, Kv, 2 * Dp,          // dQ += dS K
+                    dqa + ((s.row0 + i0) * Hq + h) * Dp, Hq * Dp, true);
           }
         }
       }
@@ -694,15 +667,6 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
         const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
         const float* dK = dkv.data() + (kb - c0) * 2 * BK * Dp;
         const float* dV = dK + BK * Dp;
-        if (amx) {  // [Dp][BK] -> rows, into the dK / dV slots
-          float* d = dkv.data() + (kb - c0) * 2 * BK * Dp;
-          for (int t = 0; t < 2; ++t) {
-            float* x = d + t * BK * Dp;
-            for (int64_t c = 0; c < Dp; ++c)
-              for (int jj = 0; jj < BK; ++jj) tbuf[jj * Dp + c] = x[c * BK + jj];
-            std::memcpy(x, tbuf.data(), BK * Dp * sizeof(float));
-          }
-        }
         for (int jj = 0; jj < n; ++jj) {
           store_row(dk + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, dK + jj * Dp, 1.f, D);
           store_row(dv + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, dV + jj * Dp, 1.f, D);
@@ -710,7 +674,179 @@ FA_INLINE void bwd_range(const FlashAttnParams& p, int64_t ns, int64_t begin, in
       }
     }
   }
-  if (amx) amx_gemm_release();
+}
+
+// ---- backward on AMX ----
+// The items, splits, chunks and accumulation order of bwd_range, with the GEMMs taken phase by phase
+// over the key blocks of the chunk a query block sees, so each phase is one GEMM shape back to back
+// (a brgemm shape change costs about a 64^3 call, cpu_gemm.h): S and dP for every key block; P and
+// dS; dV^T += dO^T P and dK^T += Q^T dS for every key block; dQ += dS K for every key block (per dQ
+// row the key blocks still go in ascending order). dK / dV are kept transposed ([Dp][BK]) so that
+// every A operand is row-major as the brgemm wants: Q^T / dO^T are made once per query block
+// (transpose32 of the vnni pairs), dK / dV are transposed back once per key block.
+FA_INLINE void bwd_range_amx(const FlashAttnParams& p, int64_t ns, int64_t begin, int64_t end) {
+  const int64_t D = p.head_dim, Dp = round16(D), Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
+  std::vector<uint16_t> kvbuf(kChunk * 3 * BK * Dp);  // per key block: Kt cols, Kv vnni, Vt cols
+  std::vector<float> dkv(kChunk * 2 * BK * Dp);       // per key block: dK^T, dV^T [Dp][BK]
+  std::vector<uint16_t> qbuf(6 * BQ * Dp);
+  std::vector<uint16_t> pbuf(kChunk * 3 * BQ * BK);   // per key block: Pv, dSv (vnni), dSb [BQ][BK]
+  std::vector<float> fbuf(kChunk * 2 * BQ * BK + 2 * BQ);  // per key block: P, dS [BQ][BK]
+  std::vector<float> tbuf(BK * Dp);
+  uint16_t* Qb = qbuf.data();   // [BQ][Dp]
+  uint16_t* Qv = Qb + BQ * Dp;  // vnni [BQ/2][Dp][2]
+  uint16_t* dOb = Qv + BQ * Dp;
+  uint16_t* dOv = dOb + BQ * Dp;
+  uint16_t* QT = dOv + BQ * Dp;  // Q^T [Dp][BQ]
+  uint16_t* dOT = QT + BQ * Dp;  // dO^T [Dp][BQ]
+  float* lse2 = fbuf.data() + kChunk * 2 * BQ * BK;
+  float* delta = lse2 + BQ;
+  const float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
+  const float c2 = static_cast<float>(p.scale) * static_cast<float>(kLog2e), scale = static_cast<float>(p.scale);
+  const __m512 c2v = _mm512_set1_ps(c2);
+  const __m512 scalev = _mm512_set1_ps(scale);
+  const __m512i pair_idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const float* lse = static_cast<const float*>(p.lse);
+  uint16_t* dk = static_cast<uint16_t*>(p.dk);
+  uint16_t* dv = static_cast<uint16_t*>(p.dv);
+  float* dq_accum = static_cast<float*>(p.dq_accum);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t split = item % ns, hk = (item / ns) % Hkv, b = item / ns / Hkv;
+    const Seq s = seq_of(p, b);
+    const int64_t off = s.sk - s.sq, nkb = (s.sk + BK - 1) / BK;
+    int64_t kb0, kb1;
+    split_range(nkb, ns, split, kb0, kb1);
+    float* dqa = dq_accum + split * p.total_q * Hq * Dp;
+    for (int64_t c0 = kb0; c0 < kb1; c0 += kChunk) {
+      const int64_t c1 = std::min<int64_t>(kb1, c0 + kChunk);
+      for (int64_t kb = c0; kb < c1; ++kb) {
+        const int64_t j0 = kb * BK;
+        const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+        uint16_t* kv = kvbuf.data() + (kb - c0) * 3 * BK * Dp;
+        const uint16_t* kp = bits(p.k) + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride;
+        const uint16_t* vp = bits(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride;
+        pack_cols(kv, kp, p.k_row_stride, n, D, Dp);
+        pack_vnni(kv + BK * Dp, kp, p.k_row_stride, n, BK, D, Dp);
+        pack_cols(kv + 2 * BK * Dp, vp, p.v_row_stride, n, D, Dp);
+        float* d = dkv.data() + (kb - c0) * 2 * BK * Dp;
+        std::fill(d, d + 2 * BK * Dp, 0.f);
+      }
+      const int64_t qstart = p.causal ? std::max<int64_t>(0, c0 * BK - off) : 0;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        for (int64_t i0 = qstart / BQ * BQ; i0 < s.sq; i0 += BQ) {
+          const int m = static_cast<int>(std::min<int64_t>(BQ, s.sq - i0));
+          const int64_t last_key = p.causal ? i0 + m - 1 + off : s.sk - 1;
+          if (last_key < c0 * BK) continue;
+          const int64_t kbe = std::min<int64_t>(c1, last_key / BK + 1);
+          const uint16_t* qp = bits(p.q) + s.q_off + i0 * p.q_row_stride + h * p.q_head_stride;
+          const uint16_t* dop = bits(p.dout) + ((s.row0 + i0) * Hq + h) * D;
+          for (int i = 0; i < m; ++i) {
+            copy_row(Qb + i * Dp, qp + i * p.q_row_stride, D, Dp);
+            copy_row(dOb + i * Dp, dop + i * Hq * D, D, Dp);
+          }
+          const int mp = (m + 1) / 2 * 2;
+          pack_vnni(Qv, qp, p.q_row_stride, m, mp, D, Dp);
+          pack_vnni(dOv, dop, Hq * D, m, mp, D, Dp);
+          transpose32(reinterpret_cast<uint32_t*>(QT), reinterpret_cast<const uint32_t*>(Qv), BQ / 2, Dp, Dp, BQ / 2);
+          transpose32(reinterpret_cast<uint32_t*>(dOT), reinterpret_cast<const uint32_t*>(dOv), BQ / 2, Dp, Dp, BQ / 2);
+          for (int i = 0; i < m; ++i) {
+            const uint16_t* oi = bits(p.out) + ((s.row0 + i0 + i) * Hq + h) * D;
+            const uint16_t* doi = dop + i * Hq * D;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < D; c += 16)
+              acc = _mm512_fmadd_ps(widen16(oi + c, mask16(c, D)), widen16(doi + c, mask16(c, D)), acc);
+            delta[i] = hsum(acc);
+            const float l = lse[lse_index(p, b, s, h, i0 + i)];
+            lse2[i] = l == ninf ? pinf : l * static_cast<float>(kLog2e);
+          }
+          // phase 1: S = Q K^T and dP = dO V^T for every key block the query block sees
+          for (int64_t kb = c0; kb < kbe; ++kb) {
+            const uint16_t* Kt = kvbuf.data() + (kb - c0) * 3 * BK * Dp;
+            float* P = fbuf.data() + (kb - c0) * 2 * BQ * BK;
+            amx_gemm_bf16(m, BK, Dp, Qb, Dp, Kt, BK, P, BK, false);
+          }
+          for (int64_t kb = c0; kb < kbe; ++kb) {
+            const uint16_t* Vt = kvbuf.data() + (kb - c0) * 3 * BK * Dp + 2 * BK * Dp;
+            float* dS = fbuf.data() + (kb - c0) * 2 * BQ * BK + BQ * BK;
+            amx_gemm_bf16(m, BK, Dp, dOb, Dp, Vt, BK, dS, BK, false);
+          }
+          // phase 2: P = exp2(S * scale log2 e - lse log2 e) masked, dS = scale P (dP - delta); bf16 operands
+          for (int64_t kb = c0; kb < kbe; ++kb) {
+            const int64_t j0 = kb * BK;
+            const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+            float* P = fbuf.data() + (kb - c0) * 2 * BQ * BK;
+            float* dS = P + BQ * BK;
+            uint16_t* Pv = pbuf.data() + (kb - c0) * 3 * BQ * BK;
+            uint16_t* dSv = Pv + BQ * BK;
+            uint16_t* dSb = dSv + BQ * BK;
+            const bool diag = p.causal && j0 + BK - 1 > i0 + off;
+            for (int i = 0; i < m; i += 2) {
+              __m512 pr[2][BK / 16], d[2][BK / 16];
+#pragma GCC unroll 2
+              for (int t = 0; t < 2; ++t) {
+                const int r = i + t;
+                if (r >= m) {
+#pragma GCC unroll 4
+                  for (int x = 0; x < BK / 16; ++x) pr[t][x] = d[t][x] = _mm512_setzero_ps();
+                  continue;
+                }
+                const float* pi = P + r * BK;
+                const float* di = dS + r * BK;
+                const __m512 l2 = _mm512_set1_ps(lse2[r]);
+                const __m512 dl = _mm512_set1_ps(delta[r]);
+                const int64_t lim = std::max<int64_t>(0, diag ? std::min<int64_t>(n, i0 + r + off - j0 + 1) : n);
+#pragma GCC unroll 4
+                for (int x = 0; x < BK / 16; ++x) {
+                  pr[t][x] = exp2_ps(mask_tail(_mm512_fmsub_ps(_mm512_loadu_ps(pi + 16 * x), c2v, l2), x, lim));
+                  d[t][x] = _mm512_mul_ps(_mm512_mul_ps(pr[t][x], _mm512_sub_ps(_mm512_loadu_ps(di + 16 * x), dl)),
+                                          scalev);
+                }
+#pragma GCC unroll 2
+                for (int x = 0; x < BK / 16; x += 2)
+                  _mm512_storeu_si512(dSb + r * BK + 16 * x, (__m512i)_mm512_cvtne2ps_pbh(d[t][x + 1], d[t][x]));
+              }
+#pragma GCC unroll 4
+              for (int x = 0; x < BK / 16; ++x) {
+                _mm512_storeu_si512(Pv + i * BK + 32 * x,
+                                    _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(pr[1][x], pr[0][x])));
+                _mm512_storeu_si512(dSv + i * BK + 32 * x,
+                                    _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(d[1][x], d[0][x])));
+              }
+            }
+          }
+          // phase 3: dV^T += dO^T P, dK^T += Q^T dS; phase 4: dQ += dS K (key blocks ascending)
+          for (int64_t kb = c0; kb < kbe; ++kb) {
+            float* dKt = dkv.data() + (kb - c0) * 2 * BK * Dp;
+            const uint16_t* Pv = pbuf.data() + (kb - c0) * 3 * BQ * BK;
+            amx_gemm_bf16(Dp, BK, mp, dOT, BQ, Pv, BK, dKt + BK * Dp, BK, true);
+            amx_gemm_bf16(Dp, BK, mp, QT, BQ, Pv + BQ * BK, BK, dKt, BK, true);
+          }
+          float* dqrow = dqa + ((s.row0 + i0) * Hq + h) * Dp;
+          for (int64_t kb = c0; kb < kbe; ++kb) {
+            const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - kb * BK));
+            const uint16_t* Kv = kvbuf.data() + (kb - c0) * 3 * BK * Dp + BK * Dp;
+            const uint16_t* dSb = pbuf.data() + (kb - c0) * 3 * BQ * BK + 2 * BQ * BK;
+            amx_gemm_bf16(m, Dp, (n + 1) / 2 * 2, dSb, BK, Kv, Dp, dqrow, Hq * Dp, true);
+          }
+        }
+      }
+      for (int64_t kb = c0; kb < c1; ++kb) {
+        const int64_t j0 = kb * BK;
+        const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+        float* d = dkv.data() + (kb - c0) * 2 * BK * Dp;
+        for (int t = 0; t < 2; ++t) {  // [Dp][BK] -> rows [BK][Dp]
+          float* x = d + t * BK * Dp;
+          for (int64_t c = 0; c < Dp; ++c)
+            for (int jj = 0; jj < BK; ++jj) tbuf[jj * Dp + c] = x[c * BK + jj];
+          std::memcpy(x, tbuf.data(), BK * Dp * sizeof(float));
+        }
+        for (int jj = 0; jj < n; ++jj) {
+          store_row(dk + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, d + jj * Dp, 1.f, D);
+          store_row(dv + ((s.k_row0 + j0 + jj) * Hkv + hk) * D, d + BK * Dp + jj * Dp, 1.f, D);
+        }
+      }
+    }
+  }
+  amx_gemm_release();
 }
 
 }  // namespace
@@ -725,6 +861,7 @@ FA_TARGET void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams& p, void* ti
 }
 FA_TARGET void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin,
                                           int64_t item_end) {
+  if (p.cpu_gemm == CpuGemm::kAmx) return bwd_range_amx(p, num_splits, item_begin, item_end);
   bwd_range(p, num_splits, item_begin, item_end);
 }
 
