@@ -80,12 +80,14 @@ struct KvAppendParams {
 constexpr int64_t kFlashCpuBlockQ = 64;
 constexpr int64_t kFlashCpuBlockK = 64;
 constexpr int64_t kFlashCpuMaxHeadDim = 256;
+constexpr int64_t kFlashCpuAmxGroup = 4;  // AMX forward: key blocks per GEMM (flash_attn_bf16_cpu.cpp)
 int64_t flash_attn_fwd_cpu_num_items(const FlashAttnParams& p);
 // Optional pre-pass (worth it when several query blocks read the same kv head): every key block
 // of every (b, kv head) converted once to an accumulation-type K^T tile [Dp][64] and V tile
 // [64][Dp] (Dp = D rounded up to 16), tile t = (b * Hkv + kv head) * ceil(seqlen_k / 64) + block,
 // stored as pairs in p.kv_tiles (flash_attn_cpu_kv_tiles_elems elements); items = tiles.
-// (On the AVX512-BF16 path below the same buffer holds bf16 packed K / V tiles, half the bytes.)
+// (On the AVX512-BF16 path below the same buffer holds bf16 packed K / V tiles, half the bytes; on AMX
+// it holds them grouped by kFlashCpuAmxGroup key blocks, each (b, kv head) padded to whole groups.)
 int64_t flash_attn_cpu_num_kv_tiles(const FlashAttnParams& p);
 int64_t flash_attn_cpu_kv_tiles_elems(const FlashAttnParams& p);
 void flash_attn_pack_kv_cpu(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end);

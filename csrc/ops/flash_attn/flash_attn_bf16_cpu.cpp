@@ -164,16 +164,18 @@ FA_INLINE void pack_vnni(uint16_t* dst, const uint16_t* src, int64_t row_stride,
                     r + 1 < n ? src + (r + 1) * row_stride : nullptr, D, Dp);
 }
 
-// rows [0, n) of a strided (n, D) bf16 matrix -> "cols" dst[Dp/2][BK][2] (keys >= n zero)
-FA_INLINE void pack_cols(uint16_t* dst, const uint16_t* src, int64_t row_stride, int n, int64_t D, int64_t Dp) {
+// rows [0, n) of a strided (n, D) bf16 matrix -> "cols" dst[Dp/2][ld][2], keys [0, BK) of each row
+// of pairs (keys >= n zero); ld = BK, or kFlashCpuAmxGroup * BK for the AMX forward's key-block groups
+FA_INLINE void pack_cols(uint16_t* dst, const uint16_t* src, int64_t row_stride, int n, int64_t D, int64_t Dp,
+                         int64_t ld = BK) {
   alignas(64) uint16_t row[kFlashCpuMaxHeadDim + 16];
   uint32_t* d32 = reinterpret_cast<uint32_t*>(dst);
   for (int j = 0; j < BK; ++j) {
     if (j < n) {
       copy_row(row, src + j * row_stride, D, Dp);
-      for (int64_t kk = 0; kk < Dp / 2; ++kk) d32[kk * BK + j] = ld32(row + 2 * kk);
+      for (int64_t kk = 0; kk < Dp / 2; ++kk) d32[kk * ld + j] = ld32(row + 2 * kk);
     } else {
-      for (int64_t kk = 0; kk < Dp / 2; ++kk) d32[kk * BK + j] = 0;
+      for (int64_t kk = 0; kk < Dp / 2; ++kk) d32[kk * ld + j] = 0;
     }
   }
 }
@@ -361,27 +363,31 @@ FA_INLINE void fwd_range(const FlashAttnParams& p, int64_t begin, int64_t end) {
 }
 
 // ---- forward on AMX ----
-// As fwd_range, but the key blocks go in groups of kGroup: the group's S = Q K^T tiles are computed
-// back to back, then one online-softmax step over all the group's keys (row max over up to 256 keys,
-// one rescale of O per group), then the group's O += P V back to back. Why: an AMX brgemm call
-// costs ~0.35 us at 64 x 64 x 64, and switching between two GEMM shapes (S, then P V) costs about as
-// much again (tile reconfiguration; measured, bench/RESULTS.md); grouping makes 2 switches per group
-// instead of 2 per key block and divides the per-row softmax bookkeeping by kGroup. Same numerics
-// contract (fp32 softmax, P rounded to bf16); the row max over a group instead of a block changes
-// only how P is scaled before rounding, as a larger key block would.
-constexpr int kGroup = 4;
+// As fwd_range, but the key blocks go in groups of kGroup (kFlashCpuAmxGroup): one S = Q K^T GEMM
+// over the group's up to 256 keys, one online-softmax step over them (row max over the group, one
+// rescale of O per group), one O += P V GEMM with K = the group's keys. Why: an AMX brgemm call costs
+// ~0.35 us at 64 x 64 x 64 however little it computes, and switching between two GEMM shapes costs
+// about as much again (tile reconfiguration; bench/cpu_brgemm_probe.py, bench/RESULTS.md): 2 calls per
+// group instead of 2 (plus 2 switches) per key block, and the per-row softmax bookkeeping / kGroup.
+// Layout: a group's K^T is "cols" [Dp/2][kGroup * BK][2] (block g at keys g * BK) followed by its V
+// vnni [kGroup * BK / 2][Dp][2] (block g at rows g * BK): the pre-packed tiles (pack_kv_range_amx)
+// hold that per (b, kv head, group). Same numerics contract (fp32 softmax, P rounded to bf16); the row
+// max over a group instead of a block changes only how P is scaled before rounding.
+constexpr int kGroup = static_cast<int>(kFlashCpuAmxGroup);
+constexpr int GK = kGroup * BK;  // keys per group
 
 FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t end) {
   const int64_t D = p.head_dim, Dp = round16(D), Hq = p.heads_q, G = Hq / p.heads_kv;
   const int64_t nqb = (p.seqlen_q + BQ - 1) / BQ, nkb = (p.seqlen_k + BK - 1) / BK;
-  std::vector<uint16_t> hbuf(BQ * Dp + kGroup * (2 * Dp * BK + BQ * BK));
-  std::vector<float> fbuf(kGroup * BQ * BK + BQ * Dp + 2 * BQ);
-  uint16_t* Qb = hbuf.data();                 // [BQ][Dp]
-  uint16_t* Kt = Qb + BQ * Dp;                // per block of the group: cols [Dp/2][BK][2]
-  uint16_t* Vv = Kt + kGroup * Dp * BK;       // per block: vnni [BK/2][Dp][2]
-  uint16_t* Pb = Vv + kGroup * BK * Dp;       // per block: [BQ][BK]
-  float* S = fbuf.data();                     // per block: [BQ][BK]
-  float* O = S + kGroup * BQ * BK;
+  const int64_t ngr = (nkb + kGroup - 1) / kGroup;
+  std::vector<uint16_t> hbuf(BQ * Dp + 2 * Dp * GK + BQ * GK);
+  std::vector<float> fbuf(BQ * GK + BQ * Dp + 2 * BQ);
+  uint16_t* Qb = hbuf.data();  // [BQ][Dp]
+  uint16_t* Kt = Qb + BQ * Dp;  // the group's K^T: cols [Dp/2][GK][2]
+  uint16_t* Vv = Kt + Dp * GK;  // the group's V: vnni [GK/2][Dp][2]
+  uint16_t* Pb = Vv + GK * Dp;  // [BQ][GK]
+  float* S = fbuf.data();       // [BQ][GK]
+  float* O = S + BQ * GK;
   float* mrow = O + BQ * Dp;
   float* lrow = mrow + BQ;
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -389,8 +395,6 @@ FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t en
   const uint16_t* tiles = bits(p.kv_tiles);
   uint16_t* out = static_cast<uint16_t*>(p.out);
   float* lse = static_cast<float*>(p.lse);
-  const uint16_t* KtB[kGroup];
-  const uint16_t* VB[kGroup];
   int nk[kGroup];
   int64_t lim0[kGroup];  // block g: row i sees keys [0, min(nk, lim0 + i)) of it (causal diagonal)
   bool diag[kGroup];
@@ -410,31 +414,31 @@ FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t en
     std::fill(lrow, lrow + m, 0.f);
     for (int64_t j0 = 0; j0 < kend; j0 += kGroup * BK) {
       const int ng = static_cast<int>(std::min<int64_t>(kGroup, (kend - j0 + BK - 1) / BK));
+      const uint16_t* KtG = Kt;
+      const uint16_t* VG = Vv;
+      if (tiles) {
+        KtG = tiles + ((b * p.heads_kv + hk) * ngr + j0 / GK) * 2 * Dp * GK;
+        VG = KtG + Dp * GK;
+      }
       for (int g = 0; g < ng; ++g) {
         const int64_t jg = j0 + g * BK;
         nk[g] = static_cast<int>(std::min<int64_t>(BK, kend - jg));
         diag[g] = p.causal && jg + BK - 1 > i0 + off;
         lim0[g] = i0 + off - jg + 1;
-        if (tiles) {
-          KtB[g] = tiles + ((b * p.heads_kv + hk) * nkb + jg / BK) * 2 * Dp * BK;
-          VB[g] = KtB[g] + Dp * BK;
-        } else {
-          uint16_t* kt = Kt + g * Dp * BK;
-          uint16_t* vv = Vv + g * BK * Dp;
-          pack_cols(kt, bits(p.k) + s.k_off + jg * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride, nk[g], D, Dp);
-          pack_vnni(vv, bits(p.v) + s.v_off + jg * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride, nk[g], BK, D,
-                    Dp);
-          KtB[g] = kt;
-          VB[g] = vv;
+        if (!tiles) {
+          pack_cols(Kt + 2 * g * BK, bits(p.k) + s.k_off + jg * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride,
+                    nk[g], D, Dp, GK);
+          pack_vnni(Vv + g * BK * Dp, bits(p.v) + s.v_off + jg * p.v_row_stride + hk * p.v_head_stride, p.v_row_stride,
+                    nk[g], BK, D, Dp);
         }
       }
-      for (int g = 0; g < ng; ++g) amx_gemm_bf16(m, BK, Dp, Qb, Dp, KtB[g], BK, S + g * BQ * BK, BK, false);
+      amx_gemm_bf16(m, ng * BK, Dp, Qb, Dp, KtG, GK, S, GK, false);
       for (int i = 0; i < m; ++i) {
         // pass 1: scale, mask (stored back), row max over the group, NaN seen
         __m512 mxv = _mm512_set1_ps(ninf);
         __mmask16 nan = 0;
         for (int g = 0; g < ng; ++g) {
-          float* si = S + (g * BQ + i) * BK;
+          float* si = S + i * GK + g * BK;
           const int64_t lim = std::max<int64_t>(0, diag[g] ? std::min<int64_t>(nk[g], lim0[g] + i) : nk[g]);
 #pragma GCC unroll 4
           for (int x = 0; x < BK / 16; ++x) {
@@ -448,7 +452,7 @@ FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t en
         if (mnew == ninf) {
           if (!nan) {  // nothing visible yet in this row: P = 0
             for (int g = 0; g < ng; ++g) {
-              uint16_t* pb = Pb + (g * BQ + i) * BK;
+              uint16_t* pb = Pb + i * GK + g * BK;
               _mm512_storeu_si512(pb, _mm512_setzero_si512());
               _mm512_storeu_si512(pb + 32, _mm512_setzero_si512());
             }
@@ -460,8 +464,8 @@ FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t en
         const __m512 mv = _mm512_set1_ps(mnew);
         __m512 sum = _mm512_setzero_ps();
         for (int g = 0; g < ng; ++g) {
-          const float* si = S + (g * BQ + i) * BK;
-          uint16_t* pb = Pb + (g * BQ + i) * BK;
+          const float* si = S + i * GK + g * BK;
+          uint16_t* pb = Pb + i * GK + g * BK;
           __m512 e[BK / 16];
 #pragma GCC unroll 4
           for (int x = 0; x < BK / 16; ++x) {
@@ -482,7 +486,7 @@ FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t en
           for (int64_t c = 0; c < Dp; c += 16) _mm512_storeu_ps(oi + c, _mm512_mul_ps(_mm512_loadu_ps(oi + c), av));
         }
       }
-      for (int g = 0; g < ng; ++g) amx_gemm_bf16(m, Dp, (nk[g] + 1) / 2 * 2, Pb + g * BQ * BK, BK, VB[g], Dp, O, Dp, true);
+      amx_gemm_bf16(m, Dp, (ng - 1) * BK + (nk[ng - 1] + 1) / 2 * 2, Pb, GK, VG, Dp, O, Dp, true);
     }
     for (int i = 0; i < m; ++i) {
       uint16_t* oi = out + ((s.row0 + i0 + i) * Hq + h) * D;
@@ -497,6 +501,26 @@ FA_INLINE void fwd_range_amx(const FlashAttnParams& p, int64_t begin, int64_t en
     }
   }
   amx_gemm_release();
+}
+
+// the pre-pass of fwd_range_amx: tile t = key block t (as pack_kv_range), written into its group's
+// layout; group gr = (b * Hkv + kv head) * ceil(nkb / kGroup) + block / kGroup
+FA_INLINE void pack_kv_range_amx(const FlashAttnParams& p, void* tiles_v, int64_t begin, int64_t end) {
+  const int64_t D = p.head_dim, Dp = round16(D), nkb = (p.seqlen_k + BK - 1) / BK, ngr = (nkb + kGroup - 1) / kGroup;
+  uint16_t* tiles = static_cast<uint16_t*>(tiles_v);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t kb = t % nkb, hk = (t / nkb) % p.heads_kv, b = t / nkb / p.heads_kv;
+    const Seq s = seq_of(p, b);
+    const int64_t j0 = kb * BK;
+    if (j0 >= s.sk) continue;
+    const int n = static_cast<int>(std::min<int64_t>(BK, s.sk - j0));
+    const int64_t g = kb % kGroup;
+    uint16_t* kt = tiles + ((b * p.heads_kv + hk) * ngr + kb / kGroup) * 2 * Dp * GK;
+    pack_cols(kt + 2 * g * BK, bits(p.k) + s.k_off + j0 * p.k_row_stride + hk * p.k_head_stride, p.k_row_stride, n, D,
+              Dp, GK);
+    pack_vnni(kt + Dp * GK + g * BK * Dp, bits(p.v) + s.v_off + j0 * p.v_row_stride + hk * p.v_head_stride,
+              p.v_row_stride, n, BK, D, Dp);
+  }
 }
 
 FA_INLINE void pack_kv_range(const FlashAttnParams& p, void* tiles_v, int64_t begin, int64_t end) {
@@ -857,6 +881,7 @@ FA_TARGET void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams& p, int64_t item
 }
 FA_TARGET void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams& p, void* tiles, int64_t tile_begin,
                                               int64_t tile_end) {
+  if (p.cpu_gemm == CpuGemm::kAmx) return pack_kv_range_amx(p, tiles, tile_begin, tile_end);
   pack_kv_range(p, tiles, tile_begin, tile_end);
 }
 FA_TARGET void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin,

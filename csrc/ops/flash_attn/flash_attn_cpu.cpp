@@ -374,7 +374,10 @@ int64_t flash_attn_cpu_num_kv_tiles(const FlashAttnParams& p) {
 }
 
 int64_t flash_attn_cpu_kv_tiles_elems(const FlashAttnParams& p) {
-  return flash_attn_cpu_num_kv_tiles(p) * 2 * round16(p.head_dim) * BK;
+  const int64_t nkb = (p.seqlen_k + BK - 1) / BK;
+  const int64_t blocks = p.cpu_gemm == CpuGemm::kAmx ? (nkb + kFlashCpuAmxGroup - 1) / kFlashCpuAmxGroup * kFlashCpuAmxGroup
+                                                     : nkb;  // AMX: whole groups per (b, kv head)
+  return p.batch * p.heads_kv * blocks * 2 * round16(p.head_dim) * BK;
 }
 
 LLMCORE_CPU_MULTIVERSION
