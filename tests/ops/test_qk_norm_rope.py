@@ -3,6 +3,8 @@ independent implementation (F.rms_norm + HF rotate_half / complex rotation), and
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llmcore.ops as lo
 from tests.conftest import DEVICES, DTYPES, assert_close, make
@@ -309,3 +311,16 @@ def test_gradcheck_float64(interleaved):
     assert torch.autograd.gradcheck(
         lambda a, b, c, d: lo.qk_norm_rope(a, b, c, d, cos, sin, 1e-6, positions=pos, interleaved=interleaved),
         (q, k, qw, kw))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), S=st.integers(1, 9), Hk=st.integers(1, 3), group=st.integers(1, 3),
+       half=st.integers(1, 40), interleaved=st.booleans(), offset=st.integers(0, 6))
+def test_shapes_hypothesis(B, S, Hk, group, half, interleaved, offset):
+    """fp32 forward and backward against the fp64 reference over random shapes (any even D)."""
+    D, Hq = 2 * half, Hk * group
+    cos, sin = lo.rope_cache(16, D, theta=1e4)
+    q = make((B, S, Hq, D), torch.float32, "cpu", requires_grad=True)
+    k = make((B, S, Hk, D), torch.float32, "cpu", requires_grad=True)
+    qw, kw = _weights(D, torch.float32, "cpu")
+    _check_fwd_bwd(q, k, qw, kw, cos, sin, offset, interleaved)
