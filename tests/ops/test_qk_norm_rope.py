@@ -25,6 +25,8 @@ def _positions(form, B, S, device):
         cut = max(1, S // 2)
         row = torch.cat([torch.arange(cut), torch.arange(S - cut)]).to(torch.int32)
         return torch.stack([row + b for b in range(B)]).to(device)
+    if form == "shared":  # (1, S) broadcast over B, int64
+        return (torch.arange(S) * 3 % MAX_SEQ)[None].to(device)
     raise AssertionError(form)
 
 
@@ -78,7 +80,7 @@ def _check_fwd_bwd(q, k, qw, kw, cos, sin, positions, interleaved, eps=EPS):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("pos_form", ["none", "offset", "packed"])
+@pytest.mark.parametrize("pos_form", ["none", "offset", "packed", "shared"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_qk_norm_rope_forward_backward(device, dtype, interleaved, pos_form, shape):
     B, S, Hq, Hk, D = shape
@@ -102,6 +104,22 @@ def test_fp32_master_weights(device, dtype):
     _, _, dqw, dkw = torch.autograd.grad((qo, ko), (q, k, qw, kw), (torch.ones_like(qo), torch.ones_like(ko)))
     assert dqw.dtype == torch.float32 and dkw.dtype == torch.float32
     _check_fwd_bwd(q, k, qw, kw, cos, sin, None, False)
+
+
+def test_only_one_output_used():
+    """A loss on q_out alone: autograd passes None for dk_out; k, k_weight get zero gradients."""
+    B, S, Hq, Hk, D = 2, 5, 4, 2, 64
+    cos, sin = lo.rope_cache(16, D)
+    q = make((B, S, Hq, D), torch.float32, "cpu", requires_grad=True)
+    k = make((B, S, Hk, D), torch.float32, "cpu", requires_grad=True)
+    qw, kw = _weights(D, torch.float32, "cpu")
+    qo, _ = lo.qk_norm_rope(q, k, qw, kw, cos, sin)
+    dq, dk, dqw, dkw = torch.autograd.grad((qo * qo).sum(), (q, k, qw, kw))
+    ins = [t.detach().double().requires_grad_() for t in (q, k, qw, kw)]
+    qr, _ = lo.qk_norm_rope_reference(*ins, cos, sin)
+    for a, b in zip((dq, dqw), torch.autograd.grad((qr * qr).sum(), (ins[0], ins[2]))):
+        assert_close(a, b)
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dkw, torch.zeros_like(dkw))
 
 
 def test_reference_matches_independent_implementation():
