@@ -30,11 +30,14 @@ def _cases():
     g, u = make((5, 17), torch.bfloat16, "cpu", 3), make((5, 17), torch.bfloat16, "cpu", 4)
     q, k = make((1, 6, 2, 16), torch.float32, "cpu", 5), make((1, 6, 1, 16), torch.float32, "cpu", 6)
     cos, sin = lo.rope_cache(8, 16)
+    qw = 1 + make((16,), torch.float32, "cpu", 7)
     return {
         "rms_norm": ("rms_norm", lambda: lo.rms_norm(x, w), lambda: lo.rms_norm_reference(x, w)),
         "add_rms_norm": ("rms_norm", lambda: lo.add_rms_norm(x, r, w)[0], lambda: lo.add_rms_norm_reference(x, r, w)[0]),
         "swiglu": ("swiglu", lambda: lo.swiglu(g, u), lambda: lo.swiglu_reference(g, u)),
         "rope": ("rope", lambda: lo.rope(q, k, cos, sin)[0], lambda: lo.rope_reference(q, k, cos, sin)[0]),
+        "qk_norm_rope": ("qk_norm_rope", lambda: lo.qk_norm_rope(q, k, qw, qw, cos, sin)[0],
+                         lambda: lo.qk_norm_rope_reference(q, k, qw, qw, cos, sin)[0]),
         "flash_attn": ("flash_attn", lambda: lo.flash_attn(q, k, k), lambda: lo.flash_attn_reference(q, k, k)),
     }
 
@@ -49,7 +52,7 @@ def fake_cuda(monkeypatch):
 
     monkeypatch.setattr(_lib, "_warned", set())
     monkeypatch.setattr(_lib, "CUDA_DISABLED", {})
-    for mod in ("rms_norm", "swiglu", "rope", "flash_attn", "moe", "nf4"):
+    for mod in ("rms_norm", "swiglu", "rope", "qk_norm_rope", "flash_attn", "moe", "nf4"):
         monkeypatch.setattr(_mod(mod), "use_reference", lambda op, x: real(op, _Cuda()))
     return _lib.CUDA_DISABLED
 
@@ -95,6 +98,7 @@ def test_cpu_behaviour_unchanged(monkeypatch, name):
 
 def test_every_public_op_has_the_reference_it_would_route_to():
     names = ["flash_attn", "flash_attn_varlen", "flash_attn_with_kvcache", "moe_route", "moe_dispatch", "moe_combine",
-             "nf4_quantize", "nf4_dequantize", "rms_norm", "add_rms_norm", "rope", "rope_", "swiglu", "swiglu_packed"]
+             "nf4_quantize", "nf4_dequantize", "rms_norm", "add_rms_norm", "rope", "rope_", "qk_norm_rope", "qk_norm_rope_", "swiglu",
+             "swiglu_packed"]
     for n in names:
         assert callable(getattr(lo, n)) and callable(getattr(lo, n.rstrip("_") + "_reference")), n
