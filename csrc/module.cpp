@@ -2,7 +2,11 @@
 // registrations of every op; the module itself only exposes build information.
 #include <pybind11/pybind11.h>
 
+#include <fstream>
+#include <string>
+
 #include "common/cpu_avx512bf16.h"
+#include "common/cpu_gemm.h"
 #include "common/cpu_utils.h"
 
 #ifndef LLMCORE_VERSION
@@ -26,6 +30,18 @@ static const char* selected_cpu_isa() {
 #endif
 }
 
+// lscpu's "Model name": the first "model name" line of /proc/cpuinfo (every CPU figure names it).
+static std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) {
+      const auto c = line.find(':');
+      return c == std::string::npos ? line : line.substr(line.find_first_not_of(" \t", c + 1));
+    }
+  return "unknown";
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmcore C++/CUDA extension: ops register under torch.ops.llmcore";
   m.def("build_info", []() {
@@ -34,6 +50,11 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa_variants"] = LLMCORE_CPU_ISA_VARIANTS;
     d["cpu_isa_selected"] = selected_cpu_isa();
     d["cpu_avx512bf16_path"] = llmcore::cpu_has_avx512bf16();  // bf16 kernels (common/cpu_avx512bf16.h)
+    d["cpu_model"] = cpu_model();
+    // the tile-GEMM engine of the bf16 / fp32 CPU flash attention (common/cpu_gemm.h), asked now
+    d["cpu_gemm_bf16"] = llmcore::cpu_gemm_name(llmcore::cpu_gemm_engine(llmcore::DType::BFloat16));
+    d["cpu_gemm_fp32"] = llmcore::cpu_gemm_name(llmcore::cpu_gemm_engine(llmcore::DType::Float32));
+    d["cpu_gemm_env"] = llmcore::cpu_gemm_env();
 #ifdef LLMCORE_WITH_CUDA
     d["cuda_bindings"] = true;
 #else

@@ -20,6 +20,14 @@ TORCH_LIBRARY(llmcore, m) {
   // in place: q, k <- rope_fwd(q, k, ...) (inference; no autograd)
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> ()");
 
+  // ---- qk_norm_rope: per-head RMSNorm of q and k (weights q_weight, k_weight) then rope, one pass ----
+  // y = R(pos) (x * rstd * w), rstd = rsqrt(mean(x^2, -1) + eps) per head row (fp32), saved for bwd
+  m.def("qk_norm_rope_fwd(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved, float eps) -> (Tensor q_out, Tensor k_out, Tensor q_rstd, Tensor k_rstd)");
+  // dn = R^T dy; dx = rstd * (dn*w - x_hat * mean(dn*w*x_hat)); dweight = sum_rows(dn * x_hat)
+  m.def("qk_norm_rope_bwd(Tensor dq_out, Tensor dk_out, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor q_rstd, Tensor k_rstd, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved) -> (Tensor dq, Tensor dk, Tensor dq_weight, Tensor dk_weight)");
+  // in place: q, k <- qk_norm_rope_fwd(q, k, ...)[:2] (inference / decode; no autograd, no rstd)
+  m.def("qk_norm_rope_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, Tensor? positions, SymInt position_offset, bool interleaved, float eps) -> ()");
+
 
   // ---- swiglu ----
   // y = silu(gate) * up = gate * sigmoid(gate) * up

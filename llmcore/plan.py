@@ -51,6 +51,18 @@ Training memory (bytes), per data-parallel rank of `world` ranks:
   gradient accumulation) and the backward's upstream-scaled copies of dhidden and dweight.
 
 Time: tokens · flops_per_token / (MFU · peak_flops(gpu, precision) · n_gpus).
+
+Recommendation (`recommend`): the first configuration, fastest first, whose estimated total fits
+`headroom` (default 85%) of the GPU's memory — the rest is the CUDA context, the caching allocator's
+fragmentation and what this estimate misses (it is low by 1.4-1.6x at small batch under autocast on
+preset tiny, measured: the autocast weight copies and the logits' fp32 copies):
+    1. DDP (torchrun --nproc_per_node N), everything replicated
+    2. DDP + --grad-checkpointing (every block: ~30% more compute, activations ~1/L)
+    3. --fsdp (FSDP2 full shard over N ranks; only when N > 1)       4. --fsdp + --grad-checkpointing
+    5. --fsdp --fsdp-offload + --grad-checkpointing (parameters, grads and optimizer states in CPU
+       memory; the GPU holds about two blocks' gathered weights, the activations and the logits)
+  and, when none fits, the same ladder with the micro-batch halved (and --grad-accum doubled, so the
+  global batch is kept) down to one sequence.
 """
 from __future__ import annotations
 
@@ -259,13 +271,64 @@ def train_time_s(a: Arch, tokens: float, gpu: str = "H100-SXM", mfu: float = 0.4
     return tokens * f / (mfu * peak * n_gpus)
 
 
-def plan(cfg: Any, tokens: float = 1e9, gpu: str = "H100-SXM", mfu: float = 0.4, n_gpus: int = 1,
-         precision: str = "autocast-bf16", zero: int = 0, batch: int = 16, seq_len: int | None = None,
-         checkpointing: bool = False) -> dict[str, Any]:
-    """Everything at once, as a dict (what scripts/plan.py prints)."""
+# ---- which configuration to run ----
+def _offload_gpu_bytes(a: Arch, precision: str, batch: int, seq_len: int, checkpointing: int) -> int:
+    """GPU bytes with FSDP CPU offload: two blocks' gathered 16/32-bit weights and grads in flight,
+    the embedding / lm_head, the activations and the logits' transient."""
+    wb, gb, _, ab = PRECISIONS[precision]
+    pc = param_counts(a)
+    block = (pc["total"] - pc["embedding"] - pc["lm_head"]) / max(1, a.n_layers)
+    in_flight = 2 * block * (min(wb, 2) + gb) + (pc["embedding"] + pc["lm_head"]) * (min(wb, 2) + gb)
+    return int(in_flight + activation_bytes(a, batch, seq_len, ab, checkpointing) + 4 * a.vocab * batch * seq_len)
+
+
+def recommend(cfg: Any, gpu_mem_gib: float, n_gpus: int = 1, batch: int = 16, seq_len: int | None = None,
+              precision: str = "autocast-bf16", grad_accum: int = 1, headroom: float = 0.85) -> dict[str, Any]:
+    """The fastest configuration expected to fit (see the module docstring): a dict with `name`,
+    `flags` (for scripts/pretrain.py and the other stages), `launch` (the torchrun prefix), `batch`,
+    `grad_accum`, `bytes` (the estimated per-GPU total), `budget` and `fits`."""
+    if gpu_mem_gib <= 0:
+        raise ValueError(f"gpu_mem_gib must be > 0, got {gpu_mem_gib}")
+    if n_gpus < 1:
+        raise ValueError(f"n_gpus must be >= 1, got {n_gpus}")
     a = arch_from_config(cfg)
     T = seq_len or a.max_seq_len
+    budget = int(gpu_mem_gib * 2 ** 30 * headroom)
+    launch = f"torchrun --nproc_per_node {n_gpus}" if n_gpus > 1 else "python"
+
+    def ladder(b):
+        yield "DDP" if n_gpus > 1 else "single GPU", [], memory_bytes(a, precision, 0, n_gpus, b, T)["total"]
+        yield ("DDP" if n_gpus > 1 else "single GPU") + " + activation checkpointing", ["--grad-checkpointing"], \
+            memory_bytes(a, precision, 0, n_gpus, b, T, 1)["total"]
+        if n_gpus > 1:
+            yield "FSDP2", ["--fsdp"], memory_bytes(a, precision, 3, n_gpus, b, T)["total"]
+            yield "FSDP2 + activation checkpointing", ["--fsdp", "--grad-checkpointing"], \
+                memory_bytes(a, precision, 3, n_gpus, b, T, 1)["total"]
+        yield "FSDP2 + CPU offload + activation checkpointing", ["--fsdp", "--fsdp-offload", "--grad-checkpointing"], \
+            _offload_gpu_bytes(a, precision, b, T, 1)
+
+    b, accum = batch, grad_accum
+    while True:
+        for name, flags, need in ladder(b):
+            if need <= budget:
+                return dict(name=name, flags=flags, launch=launch, batch=b, grad_accum=accum, bytes=need,
+                            budget=budget, fits=True)
+        if b == 1:
+            return dict(name="does not fit", flags=flags, launch=launch, batch=1, grad_accum=accum, bytes=need,
+                        budget=budget, fits=False)
+        b, accum = max(1, b // 2), accum * 2
+
+
+def plan(cfg: Any, tokens: float = 1e9, gpu: str = "H100-SXM", mfu: float = 0.4, n_gpus: int = 1,
+         precision: str = "autocast-bf16", zero: int = 0, batch: int = 16, seq_len: int | None = None,
+         checkpointing: bool = False, gpu_mem_gib: float | None = None) -> dict[str, Any]:
+    """Everything at once, as a dict (what scripts/plan.py prints); `recommendation` for n_gpus of
+    `gpu` (or of gpu_mem_gib GiB each)."""
+    a = arch_from_config(cfg)
+    T = seq_len or a.max_seq_len
+    mem_gib = gpu_mem_gib if gpu_mem_gib else GPUS.get(gpu, {}).get("mem_gib")
     return dict(
+        recommendation=recommend(a, mem_gib, n_gpus, batch, T, precision) if mem_gib else None,
         arch=dataclasses.asdict(a),
         params=param_counts(a),
         flops_per_token=flops_per_token(a, T),
@@ -273,7 +336,7 @@ def plan(cfg: Any, tokens: float = 1e9, gpu: str = "H100-SXM", mfu: float = 0.4,
         memory_by_precision={p: memory_bytes(a, p, zero, n_gpus, batch, T, checkpointing) for p in PRECISIONS},
         train_time_s=train_time_s(a, tokens, gpu, mfu, n_gpus, precision, T),
         inputs=dict(tokens=tokens, gpu=gpu, mfu=mfu, n_gpus=n_gpus, precision=precision, zero=zero, batch=batch,
-                    seq_len=T, checkpointing=checkpointing),
+                    seq_len=T, checkpointing=checkpointing, gpu_mem_gib=mem_gib),
     )
 
 
@@ -318,4 +381,16 @@ def format_plan(p: dict[str, Any]) -> str:
     for prec, z, m in rows:
         lines.append(f"  {prec:<14} {z:>4} {_fmt_bytes(m['weights']):>11} {_fmt_bytes(m['grads']):>11} "
                      f"{_fmt_bytes(m['optimizer']):>11} {_fmt_bytes(m['activations']):>12} {_fmt_bytes(m['total']):>11}")
+    r = p.get("recommendation")
+    if r:
+        where = f"{inp['n_gpus']}x {inp['gpu_mem_gib']:g} GiB"
+        if r["fits"]:
+            cmd = f"{r['launch']} scripts/pretrain.py {' '.join(r['flags'])} --batch-size {r['batch']}" + \
+                  (f" --grad-accum {r['grad_accum']}" if r["grad_accum"] > 1 else "")
+            lines.append(f"recommended on {where} ({inp['precision']}): {r['name']}, micro-batch {r['batch']}"
+                         f" (~{_fmt_bytes(r['bytes'])} of a {_fmt_bytes(r['budget'])} budget per GPU)")
+            lines.append(f"  {' '.join(cmd.split())}")
+        else:
+            lines.append(f"recommended on {where}: nothing fits — even {r['name'] if r['name'] != 'does not fit' else 'FSDP2 + CPU offload + checkpointing'} "
+                         f"at micro-batch 1 needs ~{_fmt_bytes(r['bytes'])} (budget {_fmt_bytes(r['budget'])}); use more GPUs or a shorter --seq-len")
     return "\n".join(lines)

@@ -5,6 +5,8 @@ ZeRO/FSDP stage, and time to train D tokens at a given MFU on a named GPU.
     python scripts/plan.py minimind-moe --gpus 8 --zero 3 --batch 32 --seq-len 512 --precision bf16
     python scripts/plan.py out/sft/ckpt-00001000        # a checkpoint's config (meta.json)
     python scripts/plan.py tiny --dim 1024 --n-layers 24 # a preset with overrides
+    python scripts/plan.py minimind-104m --gpus 4 --gpu-mem 8 --batch 64 --seq-len 2048
+        # ... ends with the recommended configuration (DDP / FSDP2 / + offload / + checkpointing) and its command
 """
 import argparse
 import json
@@ -42,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=float, default=1e9, help="training tokens D")
     ap.add_argument("--gpu", default="H100-SXM", choices=sorted(GPUS))
     ap.add_argument("--gpus", type=int, default=1, help="number of GPUs (data-parallel world size)")
+    ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU for the recommendation "
+                    "(default: the --gpu's memory)")
     ap.add_argument("--mfu", type=float, default=0.4)
     ap.add_argument("--precision", default="autocast-bf16", choices=list(PRECISIONS))
     ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage (3 = FSDP full shard)")
@@ -58,7 +62,8 @@ def main(argv=None):
             if getattr(args, k) is not None}
     cfg = load_config(args.config, over)
     p = plan(cfg, tokens=args.tokens, gpu=args.gpu, mfu=args.mfu, n_gpus=args.gpus, precision=args.precision,
-             zero=args.zero, batch=args.batch, seq_len=args.seq_len, checkpointing=args.checkpointing)
+             zero=args.zero, batch=args.batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
+             gpu_mem_gib=args.gpu_mem)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return p
 

@@ -10,7 +10,8 @@ backend "torch" is plain PyTorch (manual RoPE, F.scaled_dot_product_attention wi
 an explicit boolean mask for the packed/cached paths) — the comparison baseline. Projections are
 nn.Linear (wq, wk, wv, wo), bias-free unless `bias` (q/k/v, Qwen2) / `out_bias` (o); head_dim may
 differ from dim / n_heads (Qwen3). `qk_norm`: RMSNorm over head_dim on every q and k head (weights
-q_norm.weight, k_norm.weight, shared by the heads), before RoPE, as Qwen3 and minimind-3 do. Under
+q_norm.weight, k_norm.weight, shared by the heads), before RoPE, as Qwen3 and minimind-3 do; on
+the llmcore backend norm and RoPE run as one fused op (llmcore.ops.qk_norm_rope). Under
 autocast q/k/v are 16-bit and attention runs in that dtype with fp32 softmax statistics.
 """
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcore.ops import flash_attn, flash_attn_varlen, flash_attn_with_kvcache
+from llmcore.ops import flash_attn, flash_attn_varlen, flash_attn_with_kvcache, qk_norm_rope
 
 
 @dataclass
@@ -79,9 +80,14 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)     # (B, S, Hq, D)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, Hkv, D)
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, meta.positions)
+        if self.q_norm is not None and self.backend == "llmcore" and rotary.backend == "llmcore":
+            # one fused pass: per-head RMSNorm of q and k, then RoPE (rotary's tables, half-split)
+            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, rotary.cos, rotary.sin,
+                                self.q_norm.eps, positions=meta.positions, interleaved=False)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotary(q, k, meta.positions)
         torch_backend = self.backend == "torch"
         if kv_cache is not None:
             k_cache, v_cache = kv_cache

@@ -112,7 +112,7 @@ def flash_attn_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_new=
 def flash_attn(q, k, v, causal=True, softmax_scale=None, return_lse=False):
     """Attention of q (B, Sq, Hq, D) over k, v (B, Sk, Hkv, D). Returns out (B, Sq, Hq, D) in q's
     dtype, and lse (B, Hq, Sq) fp32 when return_lse. See the module docstring."""
-    if use_reference():
+    if use_reference("flash_attn", q):
         return flash_attn_reference(q, k, v, causal, softmax_scale, return_lse)
     out, lse = ops.flash_attn_fwd(q, k, v, _scale(softmax_scale, q), causal)
     return (out, lse) if return_lse else out
@@ -122,7 +122,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                       softmax_scale=None, return_lse=False):
     """Attention over packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 cu_seqlens
     (B + 1,), max_seqlen_* the longest sequence. Returns out (total_q, Hq, D) and lse (Hq, total_q)."""
-    if use_reference():
+    if use_reference("flash_attn_varlen", q):
         return flash_attn_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                            softmax_scale, return_lse)
     out, lse = ops.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
@@ -143,7 +143,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_ne
     the first cache_seqlens[b] + S_new keys. On CUDA, short q (decode) is split along the cache
     (flash-decoding) so that one sequence still fills the GPU. Returns out (B, Sq, Hq, D) [, lse].
     """
-    if use_reference():
+    if use_reference("flash_attn_with_kvcache", q):
         return flash_attn_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                                                  softmax_scale, return_lse)
     out, lse = ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,

@@ -96,7 +96,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                z_loss: float = 0.0, softcap=None, chunk_rows: int = 0, vocab_chunk: int = 0) -> torch.Tensor:
     """Cross-entropy of hidden @ weight.T (+ bias) against target, never holding the logits.
     See the module docstring for shapes, dtypes, numerics and semantics."""
-    if use_reference():
+    if use_reference("fused_linear_cross_entropy", hidden):
         return fused_linear_cross_entropy_reference(hidden, weight, target, bias, ignore_index, reduction,
                                                     label_smoothing, z_loss, softcap, chunk_rows, vocab_chunk)
     _check_args(reduction, softcap)

@@ -93,7 +93,7 @@ def moe_route(router_logits, top_k, score="softmax", renormalize=True, bias=None
     in router_logits through topk_weights. See the module docstring for the numerics."""
     if score not in _SCORES:
         raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-    if use_reference():
+    if use_reference("moe_route", router_logits):
         return moe_route_reference(router_logits, top_k, score, renormalize, bias)
     return ops.moe_route_fwd(router_logits, top_k, score, renormalize, bias)
 
@@ -106,7 +106,7 @@ def moe_dispatch(x, topk_ids, num_experts):
     values in [0, num_experts). Out-of-range ids raise on CPU; on CUDA
     (no host sync to check them) they are dropped: their row_map entry is -1, offsets[E] < T*k,
     and moe_combine treats those slots as zero."""
-    if use_reference():
+    if use_reference("moe_dispatch", x):
         return moe_dispatch_reference(x, topk_ids, num_experts)
     return ops.moe_dispatch_fwd(x, topk_ids, num_experts)
 
@@ -120,7 +120,7 @@ def moe_combine(y_permuted, topk_weights, row_map, num_tokens):
     before a kernel runs. On CUDA that check is one aminmax on the device plus a host sync per
     call (skipped inside a CUDA-graph capture, where the kernels still skip bad entries, so
     nothing is read out of bounds either way)."""
-    if use_reference():
+    if use_reference("moe_combine", y_permuted):
         return moe_combine_reference(y_permuted, topk_weights, row_map, num_tokens)
     if topk_weights is not None and topk_weights.dtype != _acc(y_permuted):
         topk_weights = topk_weights.to(_acc(y_permuted))

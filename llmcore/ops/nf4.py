@@ -234,7 +234,7 @@ def _check_quantize_args(w, blocksize):
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize w (any shape; fp32/fp16/bf16; CPU or CUDA) to NF4. See the module docstring.
     Not differentiable (a one-time conversion of a frozen weight)."""
-    if use_reference():
+    if use_reference("nf4_quantize", w):
         return nf4_quantize_reference(w, blocksize, double_quant)
     packed, absmax = ops.nf4_quantize_fwd(w.detach(), blocksize)
     nf4 = NF4Weight(data=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
@@ -249,7 +249,7 @@ def nf4_dequantize(nf4: NF4Weight, out_dtype: Optional[torch.dtype] = None) -> t
     """Dequantize to a new contiguous tensor of nf4.shape in out_dtype (default nf4.dtype):
     fl(NF4[k] * a_b) in fp32, one rounding to out_dtype. Bit-identical to bitsandbytes."""
     out_dtype = out_dtype or nf4.dtype
-    if use_reference():
+    if use_reference("nf4_dequantize", nf4.data):
         return nf4_dequantize_reference(nf4, out_dtype)
     return ops.nf4_dequantize_fwd(nf4.data, nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset, nf4.blocksize,
                                   list(nf4.shape), out_dtype)

@@ -34,14 +34,14 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim. See the module docstring for shapes, dtypes and numerics."""
-    if use_reference():
+    if use_reference("rms_norm", x):
         return rms_norm_reference(x, weight, eps)
     return ops.rms_norm_fwd(x, weight, eps)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """Fused residual add + RMSNorm: returns (rms_norm(x + residual), x + residual)."""
-    if use_reference():
+    if use_reference("add_rms_norm", x):
         return add_rms_norm_reference(x, residual, weight, eps)
     y, h, _ = ops.add_rms_norm_fwd(x, residual, weight, eps)
     return y, h

@@ -190,7 +190,7 @@ def rope_reference(q, k, cos, sin, positions=None, interleaved=False):
 def rope(q, k, cos, sin, positions=None, interleaved=False):
     """Rotates q (B, S, Hq, D) and k (B, S, Hkv, D) in one kernel launch; returns new contiguous
     (q_out, k_out). See the module docstring for layouts, positions and numerics."""
-    if use_reference():
+    if use_reference("rope", q):
         return rope_reference(q, k, cos, sin, positions, interleaved)
     pos, offset = _split_positions(positions)
     return ops.rope_fwd(q, k, cos, sin, pos, offset, interleaved)
@@ -203,7 +203,7 @@ def rope_(q, k, cos, sin, positions=None, interleaved=False):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise RuntimeError("llmcore: rope_ is in place and for inference only; q/k require grad — use rope() "
                            "or wrap the call in torch.no_grad()")
-    if use_reference():
+    if use_reference("rope_", q):
         qo, ko = rope_reference(q, k, cos, sin, positions, interleaved)
         q.copy_(qo)
         k.copy_(ko)

@@ -36,14 +36,14 @@ def swiglu_packed_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. See the module docstring for shapes, dtypes and numerics."""
-    if use_reference():
+    if use_reference("swiglu", gate):
         return swiglu_reference(gate, up)
     return ops.swiglu_fwd(gate, up)
 
 
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate_up[..., :F]) * gate_up[..., F:] for a fused gate/up projection output (..., 2F)."""
-    if use_reference():
+    if use_reference("swiglu_packed", gate_up):
         return swiglu_packed_reference(gate_up)
     return ops.swiglu_packed_fwd(gate_up)
 

@@ -147,3 +147,47 @@ def test_minimind3_presets_have_minimind_figures():
     c = get_config("minimind-3")
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.qk_norm, c.tie_embeddings) == \
         (768, 8, 8, 4, 2432, True, True)
+
+
+def test_recommend_picks_the_fastest_configuration_that_fits():
+    """The ladder (module docstring of llmcore/plan.py): each memory budget gets the first rung that
+    fits, so a bigger GPU never gets a slower configuration and the rung before it would not fit."""
+    from llmcore.plan import memory_bytes, recommend, arch_from_config
+    cfg = get_config("minimind-104m")
+    a = arch_from_config(cfg)
+    order = ["DDP", "DDP + activation checkpointing", "FSDP2", "FSDP2 + activation checkpointing",
+             "FSDP2 + CPU offload + activation checkpointing"]
+    seen = []
+    for gib in (80, 24, 8, 4, 2, 1, 0.5, 0.25):
+        r = recommend(cfg, gib, n_gpus=4, batch=64, seq_len=2048)
+        if not r["fits"]:
+            assert gib <= 0.5 and r["batch"] == 1
+            continue
+        assert r["bytes"] <= r["budget"] == int(gib * 2 ** 30 * 0.85)
+        assert r["batch"] * r["grad_accum"] == 64, "the global batch is kept"
+        seen.append((r["batch"], order.index(r["name"]), gib))
+        if r["name"] == "DDP":
+            assert r["flags"] == [] and r["launch"].startswith("torchrun --nproc_per_node 4")
+        if r["name"] == "DDP + activation checkpointing" and r["batch"] == 64:  # plain DDP must not have fit
+            assert memory_bytes(a, "autocast-bf16", 0, 4, 64, 2048)["total"] > r["budget"]
+        if "FSDP2" in r["name"]:
+            assert "--fsdp" in r["flags"]
+    # smaller GPUs: never a larger micro-batch, never an earlier rung at the same micro-batch
+    assert seen == sorted(seen, key=lambda t: (-t[0], t[1])), seen
+    assert seen[0][:2] == (64, 0) and len({s[1] for s in seen}) >= 3, seen
+    # one GPU: no FSDP sharding rung, offload is the last resort
+    r1 = recommend(cfg, 0.5, n_gpus=1, batch=8, seq_len=512)
+    assert "FSDP2" not in r1["name"] or "offload" in r1["name"]
+    with pytest.raises(ValueError, match="gpu_mem_gib"):
+        recommend(cfg, 0, n_gpus=1)
+
+
+def test_plan_script_prints_the_recommendation(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("plan_script", os.path.join(ROOT, "scripts", "plan.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["minimind-104m", "--gpus", "4", "--gpu-mem", "2", "--batch", "64", "--seq-len", "2048"])
+    out = capsys.readouterr().out
+    assert "recommended on 4x 2 GiB" in out
+    assert "torchrun --nproc_per_node 4 scripts/pretrain.py --fsdp" in out and "--grad-accum" in out

@@ -12,10 +12,14 @@ SMALL = dict(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=512, max_s
 
 
 def pair(seed=0, **kw):
-    """The same weights in both backends."""
+    """The same weights in both backends (QK-norm weights drawn away from their all-ones init)."""
     torch.manual_seed(seed)
     a = Transformer(get_config("tiny", **{**SMALL, **kw}))
     b = Transformer(get_config("tiny", **{**SMALL, **kw, "backend": "torch"}))
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if n.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -44,9 +48,12 @@ def test_parameter_names_and_tied_head():
     assert not any("bias" in n for n in names)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_backends_match_fp32(packed):
-    a, b = pair()
+def test_backends_match_fp32(packed, qk_norm):
+    """qk_norm=True: the llmcore backend runs the fused qk_norm_rope, the torch backend F.rms_norm +
+    manual RoPE."""
+    a, b = pair(qk_norm=qk_norm)
     ids = torch.randint(0, 512, (2, 48))
     labels = torch.randint(0, 512, (2, 48))
     labels[:, :5] = -100
@@ -96,8 +103,9 @@ def test_fused_ce_matches_unfused(autocast):
     assert loss0.item() == 0.0 and all((p.grad == 0).all() for p in a.parameters() if p.grad is not None)
 
 
-def test_backends_match_bf16_autocast():
-    a, b = pair()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_backends_match_bf16_autocast(qk_norm):
+    a, b = pair(qk_norm=qk_norm)
     ids = torch.randint(0, 512, (2, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         la, lb = a(ids), b(ids)
@@ -139,6 +147,24 @@ def test_kv_cache_generation_equals_full_recompute(backend):
     assert list(stream(m, prompts[0], 24, temperature=0)) == got[0]
     # unequal prompt lengths (one at a time) agree too
     assert generate(m, [prompts[0], prompts[1][:4]], 10, temperature=0)[0] == got[0][:10]
+
+
+def test_qk_norm_model_uses_the_fused_op_and_decodes(monkeypatch):
+    """With qk_norm on the llmcore backend every attention layer calls qk_norm_rope once per forward
+    (training, prefill and each decode step), and KV-cache greedy decoding equals full recomputation."""
+    import llmcore.nn.attention as attn
+
+    calls = []
+    real = attn.qk_norm_rope
+    monkeypatch.setattr(attn, "qk_norm_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    m = Transformer(get_config("tiny", **SMALL, qk_norm=True, init_std=0.3)).eval()
+    m(torch.randint(0, 512, (1, 9)))
+    assert len(calls) == SMALL["n_layers"]
+    prompt = [3, 14, 15, 92, 65, 35]
+    got = generate(m, [prompt], 12, temperature=0)[0]
+    assert got == full_recompute_greedy(m, prompt, 12)
+    assert len(set(got)) > 3, "degenerate test: the model repeats one token"
 
 
 def test_generation_beyond_max_seq_len_and_stop_tokens():

@@ -785,3 +785,49 @@ def test_varlen_and_kvcache_references_match_independent_fp64(causal):
         o_i, l_i = _sdpa_fp64(qd[b:b + 1], kb, vb, _bottom_right_mask(s_new, n + s_new, causal), 1 / math.sqrt(D))
         assert_close(out[b:b + 1], o_i, name=f"kvcache out, sequence {b}")
         assert_close(lse[b:b + 1], l_i, name=f"kvcache lse, sequence {b}")
+
+
+# ---- every CPU GEMM engine (common/cpu_gemm.h), forced by LLMCORE_CPU_GEMM (read once: subprocess) ----
+_ENGINE_CODE = (
+    "import torch, llmcore, tests.ops.test_flash_attn as t\n"
+    "got = llmcore.build_info()['cpu_gemm_bf16']\n"
+    "if got != '{want}':\n"
+    "    print('ENGINE', got); raise SystemExit(3)\n"
+    "for causal in (True, False):\n"
+    "    for shape in [(1, 300, 200, 4, 2, 64), (2, 130, 150, 4, 2, 128), (1, 257, 257, 2, 2, 80), (1, 70, 90, 2, 1, 63)]:\n"
+    "        t.test_flash_attn_forward_backward('cpu', torch.bfloat16, causal, shape)\n"
+    "    t.test_varlen_forward_backward('cpu', torch.bfloat16, causal, ([130, 1, 70, 0], None))\n"
+    "t.test_kvcache_decode('cpu', torch.bfloat16, 1000, 3)\n"
+    "t.check_nan_propagation('cpu', torch.bfloat16)\n"
+    "t.test_cpu_bf16_dot_fully_masked_rows()\n")
+
+
+@pytest.mark.parametrize("engine,want", [("amx", "amx"), ("avx512bf16", "avx512bf16"), ("avx512", "fma"),
+                                         ("avx2", "fma")])
+def test_cpu_gemm_engine_matches_reference(engine, want):
+    """bf16 flash attention (fwd, bwd, varlen, KV-cache decode, NaN, fully masked rows) against the
+    fp32 reference on each tile-GEMM engine LLMCORE_CPU_GEMM can force; an engine this CPU lacks
+    is skipped with the engine it has."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, LLMCORE_CPU_GEMM=engine)
+    env.pop("LLMCORE_CPU_BF16_PATH", None)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
+    r = subprocess.run([sys.executable, "-c", _ENGINE_CODE.format(want=want)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == 3:
+        pytest.skip(f"this CPU has no {engine} engine: LLMCORE_CPU_GEMM={engine} runs {r.stdout.split()[-1]}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_cpu_gemm_env_is_checked():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, LLMCORE_CPU_GEMM="amx512")
+    r = subprocess.run([sys.executable, "-c", "import llmcore.ops"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "LLMCORE_CPU_GEMM must be one of" in r.stderr

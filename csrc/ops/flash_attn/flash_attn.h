@@ -15,6 +15,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/cpu_gemm.h"
 #include "common/dtype.h"
 
 #if defined(__CUDACC__) || defined(LLMCORE_WITH_CUDA)
@@ -53,6 +54,8 @@ struct FlashAttnParams {
   double scale = 1.0;  // softmax scale (double so the float64 gradcheck path is exact)
   bool causal = true;
   DType dtype = DType::BFloat16;
+  // CPU: the tile-GEMM engine (common/cpu_gemm.h), chosen by the ATen layer before each launch
+  CpuGemm cpu_gemm = CpuGemm::kFma;
 };
 
 // KV-cache append: k_cache[b, cache_seqlens[b] + i] = k_new[b, i] (and v), i < s_new.
@@ -77,12 +80,14 @@ struct KvAppendParams {
 constexpr int64_t kFlashCpuBlockQ = 64;
 constexpr int64_t kFlashCpuBlockK = 64;
 constexpr int64_t kFlashCpuMaxHeadDim = 256;
+constexpr int64_t kFlashCpuAmxGroup = 4;  // AMX forward: key blocks per GEMM (flash_attn_bf16_cpu.cpp)
 int64_t flash_attn_fwd_cpu_num_items(const FlashAttnParams& p);
 // Optional pre-pass (worth it when several query blocks read the same kv head): every key block
 // of every (b, kv head) converted once to an accumulation-type K^T tile [Dp][64] and V tile
 // [64][Dp] (Dp = D rounded up to 16), tile t = (b * Hkv + kv head) * ceil(seqlen_k / 64) + block,
 // stored as pairs in p.kv_tiles (flash_attn_cpu_kv_tiles_elems elements); items = tiles.
-// (On the AVX512-BF16 path below the same buffer holds bf16 packed K / V tiles, half the bytes.)
+// (On the AVX512-BF16 path below the same buffer holds bf16 packed K / V tiles, half the bytes; on AMX
+// it holds them grouped by kFlashCpuAmxGroup key blocks, each (b, kv head) padded to whole groups.)
 int64_t flash_attn_cpu_num_kv_tiles(const FlashAttnParams& p);
 int64_t flash_attn_cpu_kv_tiles_elems(const FlashAttnParams& p);
 void flash_attn_pack_kv_cpu(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end);
@@ -95,10 +100,10 @@ int64_t flash_attn_bwd_cpu_num_splits(const FlashAttnParams& p);
 void flash_attn_bwd_cpu(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin, int64_t item_end);
 void flash_attn_bwd_cpu_reduce_dq(const FlashAttnParams& p, int64_t num_splits, int64_t row_begin, int64_t row_end);
 void flash_attn_kv_append_cpu(const KvAppendParams& p);
-// bfloat16 inputs on CPUs with AVX512-BF16 (flash_attn_bf16_cpu.cpp): the entry points above
-// route bf16 here when cpu_has_avx512bf16() (common/cpu_avx512bf16.h: run-time CPU check, once;
-// LLMCORE_CPU_BF16_PATH=0 turns it off) is true. Same items, splits, dq_accum layout and kv_tiles
-// size as above (the tiles then hold bf16 packed K / V, half the bytes).
+// bfloat16 inputs whose p.cpu_gemm is kAvx512Bf16 or kAmx (flash_attn_bf16_cpu.cpp; the ATen layer
+// sets it from cpu_gemm_engine(), common/cpu_gemm.h): the entry points above route bf16 here. Same
+// items, splits, dq_accum layout and kv_tiles size as above (the tiles then hold bf16 packed K / V,
+// half the bytes).
 void flash_attn_fwd_cpu_bf16dot(const FlashAttnParams& p, int64_t item_begin, int64_t item_end);
 void flash_attn_pack_kv_cpu_bf16dot(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end);
 void flash_attn_bwd_cpu_bf16dot(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin, int64_t item_end);

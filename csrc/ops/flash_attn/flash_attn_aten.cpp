@@ -104,6 +104,7 @@ FlashAttnParams dense_params(const at::Tensor& q, const at::Tensor& k, const at:
 void run_fwd(const FlashAttnParams& p_in, const at::Tensor& q) {
   if (q.is_cpu()) {
     FlashAttnParams p = p_in;
+    p.cpu_gemm = cpu_gemm_engine(p.dtype);
     const int64_t items = flash_attn_fwd_cpu_num_items(p);
     // Convert K / V to tiles once when more than one query block reads each kv head (fp32 tiles, or
     // bf16 packed tiles in the first half of the buffer on the AVX512-BF16 path: flash_attn.h).
@@ -136,6 +137,7 @@ void run_bwd(FlashAttnParams& p, const at::Tensor& q, const at::Tensor& out, con
   p.dv = dv.data_ptr();
   const int64_t Dp = (p.head_dim + 15) / 16 * 16;
   if (q.is_cpu()) {
+    p.cpu_gemm = cpu_gemm_engine(p.dtype);
     const int64_t ns = flash_attn_bwd_cpu_num_splits(p);
     at::Tensor acc = at::zeros({ns, p.total_q, p.heads_q, Dp}, q.options().dtype(acc_dtype(q)));
     p.dq_accum = acc.data_ptr();

@@ -20,10 +20,10 @@
 // polynomial (rel. error ~1e-7). Buffers pad D to a multiple of 16 with zeros.
 // Numerics: fp32 accumulation everywhere (fp64 for float64 inputs, the gradcheck path, which uses
 // the plain scalar loops); outputs rounded once to the input dtype.
-// Which path runs: bf16 inputs on a CPU with AVX512-BF16 go to flash_attn_bf16_cpu.cpp (same
-// loops, vdpbf16ps tile GEMMs on bf16 operands with P and dS rounded to bf16; chosen at run time
-// by cpu_has_avx512bf16(), reported as llmcore.build_info()["cpu_avx512bf16_path"]); every
-// other CPU and dtype (fp32, fp16, fp64, bf16 without AVX512-BF16) runs the fp32 tiles here.
+// Which path runs: bf16 inputs whose engine (p.cpu_gemm, common/cpu_gemm.h, chosen per launch by
+// the ATen layer and reported as llmcore.build_info()["cpu_gemm"]) is AMX or AVX512-BF16 go to
+// flash_attn_bf16_cpu.cpp (same loops, bf16 tile GEMMs with P and dS rounded to bf16); every other
+// CPU and dtype (fp32, fp16, fp64, bf16 without AVX512-BF16) runs the fp32 tiles here.
 // Shared helpers (exp2, row max / sum, sequence geometry) live in flash_attn_cpu_tile.h.
 #include <algorithm>
 #include <cmath>
@@ -364,7 +364,7 @@ int64_t flash_attn_fwd_cpu_num_items(const FlashAttnParams& p) {
 
 LLMCORE_CPU_MULTIVERSION
 void flash_attn_fwd_cpu(const FlashAttnParams& p, int64_t item_begin, int64_t item_end) {
-  if (p.dtype == DType::BFloat16 && cpu_has_avx512bf16())  // flash_attn_bf16_cpu.cpp
+  if (p.dtype == DType::BFloat16 && p.cpu_gemm != CpuGemm::kFma)  // flash_attn_bf16_cpu.cpp
     return flash_attn_fwd_cpu_bf16dot(p, item_begin, item_end);
   LLMCORE_CPU_DISPATCH(p.dtype, fwd_range, (p, item_begin, item_end))
 }
@@ -374,12 +374,15 @@ int64_t flash_attn_cpu_num_kv_tiles(const FlashAttnParams& p) {
 }
 
 int64_t flash_attn_cpu_kv_tiles_elems(const FlashAttnParams& p) {
-  return flash_attn_cpu_num_kv_tiles(p) * 2 * round16(p.head_dim) * BK;
+  const int64_t nkb = (p.seqlen_k + BK - 1) / BK;
+  const int64_t blocks = p.cpu_gemm == CpuGemm::kAmx ? (nkb + kFlashCpuAmxGroup - 1) / kFlashCpuAmxGroup * kFlashCpuAmxGroup
+                                                     : nkb;  // AMX: whole groups per (b, kv head)
+  return p.batch * p.heads_kv * blocks * 2 * round16(p.head_dim) * BK;
 }
 
 LLMCORE_CPU_MULTIVERSION
 void flash_attn_pack_kv_cpu(const FlashAttnParams& p, void* tiles, int64_t tile_begin, int64_t tile_end) {
-  if (p.dtype == DType::BFloat16 && cpu_has_avx512bf16())  // flash_attn_bf16_cpu.cpp
+  if (p.dtype == DType::BFloat16 && p.cpu_gemm != CpuGemm::kFma)  // flash_attn_bf16_cpu.cpp
     return flash_attn_pack_kv_cpu_bf16dot(p, tiles, tile_begin, tile_end);
   LLMCORE_CPU_DISPATCH(p.dtype, pack_kv, (p, tiles, tile_begin, tile_end))
 }
@@ -393,7 +396,7 @@ int64_t flash_attn_bwd_cpu_num_splits(const FlashAttnParams& p) {
 
 LLMCORE_CPU_MULTIVERSION
 void flash_attn_bwd_cpu(const FlashAttnParams& p, int64_t num_splits, int64_t item_begin, int64_t item_end) {
-  if (p.dtype == DType::BFloat16 && cpu_has_avx512bf16())  // flash_attn_bf16_cpu.cpp
+  if (p.dtype == DType::BFloat16 && p.cpu_gemm != CpuGemm::kFma)  // flash_attn_bf16_cpu.cpp
     return flash_attn_bwd_cpu_bf16dot(p, num_splits, item_begin, item_end);
   LLMCORE_CPU_DISPATCH(p.dtype, bwd_range, (p, num_splits, item_begin, item_end))
 }
