@@ -78,6 +78,11 @@ def _rms_norm_forward(self, hidden_states):
     return y.to(torch.promote_types(x.dtype, w.dtype))
 
 
+def _is_silu(act):
+    # transformers' ACT2FN["silu"] is its own SiLUActivation (not nn.SiLU) in 5.x
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 def _mlp_forward(self, x):
     g, u = self.gate_proj(x), self.up_proj(x)
     if g.dtype != u.dtype:
@@ -160,7 +165,7 @@ def apply_kernels(model, rms_norm=True, rope=True, swiglu=True, attention=True, 
         cls = type(m).__name__
         if rms_norm and cls == fam["norm"]:
             _replace_forward(m, _rms_norm_forward, "rms_norm")
-        elif swiglu and fam["mlp"] is not None and cls == fam["mlp"] and isinstance(m.act_fn, torch.nn.SiLU):
+        elif swiglu and fam["mlp"] is not None and cls == fam["mlp"] and _is_silu(m.act_fn):
             _replace_forward(m, _mlp_forward, "swiglu")
         elif rope and cls == fam["attn"]:
             m._llmcore_window = fam["window"]
