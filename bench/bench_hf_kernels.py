@@ -63,8 +63,11 @@ def main():
             if i >= 3:
                 times[name].append(dt)
     h, l = statistics.median(times["hf"]), statistics.median(times["llmcore"])
+    ratios = sorted(x / y for x, y in zip(times["hf"], times["llmcore"]))  # per adjacent pair: robust to drift
+    q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]
     print(f"tokens/step {a.batch * a.seq}, threads {torch.get_num_threads()}, steps {a.steps}")
-    print(f"transformers (sdpa, eager) median {h * 1e3:.1f} ms; llmcore.hf median {l * 1e3:.1f} ms; speedup {h / l:.2f}x")
+    print(f"transformers (sdpa, eager) median {h * 1e3:.1f} ms; llmcore.hf median {l * 1e3:.1f} ms")
+    print(f"paired speedup hf/llmcore: median {statistics.median(ratios):.2f}x (quartiles {q(0.25):.2f}-{q(0.75):.2f})")
 
 
 if __name__ == "__main__":

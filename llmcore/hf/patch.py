@@ -23,9 +23,14 @@ model in the same process is untouched; a second call is a no-op for what is alr
   loss through llmcore.hf.loss._loss (the fused op when llmcore.ops has it; logits is then None).
   Without labels, with return_dict=False, logits_to_keep != 0, or (MoE) output_router_logits, the
   original forward runs unchanged.
-- MoE experts / routing: left as transformers has them (fused 3D expert weights with the family's own
-  top-k loop); llmcore's moe ops are not wired in. Qwen2-MoE's shared expert and any dense MLP layers
-  of the MoE families are <Family>MLP and get swiglu.
+- moe (Mixtral, Qwen2-MoE, Qwen3-MoE): the <Family>Experts forward (3D gate_up_proj (E, 2I, H) and
+  down_proj (E, H, I), silu) -> llmcore.ops.moe_dispatch (tokens into expert-contiguous rows), per
+  expert F.linear + swiglu_packed + F.linear on its contiguous slice, llmcore.ops.moe_combine (fp32
+  weighted gather back to token order). The router stays the family's own (its softmax / top-k /
+  norm_topk_prob and Qwen2-MoE's sigmoid-gated shared expert are untouched), so the selected experts
+  and weights are exactly transformers'; only the expert compute and the scatter change (fp32
+  accumulation of the k slots, then one rounding). This replaces transformers' experts_implementation
+  switch for that module. Qwen2-MoE's shared expert and the dense MLP layers are <Family>MLP: swiglu.
 """
 import types
 
@@ -41,11 +46,11 @@ FAMILIES = {
     "MistralForCausalLM":  dict(norm="MistralRMSNorm", mlp="MistralMLP", attn="MistralAttention", window="config", moe=False),
     "Qwen2ForCausalLM":    dict(norm="Qwen2RMSNorm", mlp="Qwen2MLP", attn="Qwen2Attention", window="module", moe=False),
     "Qwen3ForCausalLM":    dict(norm="Qwen3RMSNorm", mlp="Qwen3MLP", attn="Qwen3Attention", window="module", moe=False),
-    "MixtralForCausalLM":  dict(norm="MixtralRMSNorm", mlp=None, attn="MixtralAttention", window="config", moe=True),
-    "Qwen2MoeForCausalLM": dict(norm="Qwen2MoeRMSNorm", mlp="Qwen2MoeMLP", attn="Qwen2MoeAttention", window="none", moe=True),
-    "Qwen3MoeForCausalLM": dict(norm="Qwen3MoeRMSNorm", mlp="Qwen3MoeMLP", attn="Qwen3MoeAttention", window="module", moe=True),
+    "MixtralForCausalLM":  dict(norm="MixtralRMSNorm", mlp=None, attn="MixtralAttention", window="config", moe="MixtralExperts"),
+    "Qwen2MoeForCausalLM": dict(norm="Qwen2MoeRMSNorm", mlp="Qwen2MoeMLP", attn="Qwen2MoeAttention", window="none", moe="Qwen2MoeExperts"),
+    "Qwen3MoeForCausalLM": dict(norm="Qwen3MoeRMSNorm", mlp="Qwen3MoeMLP", attn="Qwen3MoeAttention", window="module", moe="Qwen3MoeExperts"),
 }
-PATCHES = ("rms_norm", "rope", "swiglu", "attention", "fused_linear_cross_entropy")
+PATCHES = ("rms_norm", "rope", "swiglu", "attention", "fused_linear_cross_entropy", "moe")
 
 
 def _family(model):
@@ -88,6 +93,21 @@ def _mlp_forward(self, x):
     if g.dtype != u.dtype:
         return self.down_proj(self.act_fn(g) * u)
     return self.down_proj(ops.swiglu(g, u))
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """hidden_states (T, H), top_k_index (T, k) int64, top_k_weights (T, k) -> (T, H) in hidden's dtype."""
+    T = hidden_states.shape[0]
+    x_perm, _, offsets, row_map = ops.moe_dispatch(hidden_states, top_k_index.to(torch.int32), self.num_experts)
+    offs = offsets.tolist()
+    ys = []
+    for e in range(self.num_experts):
+        if offs[e] == offs[e + 1]:
+            continue
+        gate_up = torch.nn.functional.linear(x_perm[offs[e]:offs[e + 1]], self.gate_up_proj[e])  # (n_e, 2I)
+        ys.append(torch.nn.functional.linear(ops.swiglu_packed(gate_up), self.down_proj[e]))    # (n_e, H)
+    y_perm = torch.cat(ys) if ys else x_perm.new_zeros(0, hidden_states.shape[1])
+    return ops.moe_combine(y_perm.to(hidden_states.dtype), top_k_weights.float(), row_map, T)
 
 
 def _hf_cos_sin_as_table(cos, sin):
@@ -155,7 +175,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return CausalLMOutputWithPast(**common)
 
 
-def apply_kernels(model, rms_norm=True, rope=True, swiglu=True, attention=True, fused_linear_cross_entropy=True):
+def apply_kernels(model, rms_norm=True, rope=True, swiglu=True, attention=True, fused_linear_cross_entropy=True,
+                  moe=True):
     """Patches `model` (one of FAMILIES, or a PEFT model around one) in place and returns it.
     Idempotent. Raises ValueError naming the supported families for any other class. See the module
     docstring for what each flag replaces and the numerics."""
@@ -167,6 +188,8 @@ def apply_kernels(model, rms_norm=True, rope=True, swiglu=True, attention=True, 
             _replace_forward(m, _rms_norm_forward, "rms_norm")
         elif swiglu and fam["mlp"] is not None and cls == fam["mlp"] and _is_silu(m.act_fn):
             _replace_forward(m, _mlp_forward, "swiglu")
+        elif moe and fam["moe"] and cls == fam["moe"] and _is_silu(m.act_fn) and not getattr(m, "has_bias", False):
+            _replace_forward(m, _experts_forward, "moe")
         elif rope and cls == fam["attn"]:
             m._llmcore_window = fam["window"]
             _replace_forward(m, _attention_forward, "rope")
@@ -174,7 +197,7 @@ def apply_kernels(model, rms_norm=True, rope=True, swiglu=True, attention=True, 
         _attention.register()
         lm.config._attn_implementation = _attention.NAME
     if fused_linear_cross_entropy:
-        lm._llmcore_moe = fam["moe"]
+        lm._llmcore_moe = bool(fam["moe"])
         _replace_forward(lm, _causal_lm_forward, "fused_linear_cross_entropy")
     return model
 

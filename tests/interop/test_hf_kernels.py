@@ -76,6 +76,11 @@ def check_grads(ga, gb, atol=2e-5):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_family_fp32_logits_loss_grads(name):
     ref, pat = pair(name)
+    tags = set().union(*(m.__dict__.get("_llmcore_patched", set()) for m in pat.modules()))
+    want = {"rms_norm", "rope", "fused_linear_cross_entropy"} | ({"moe"} if "Moe" in name or "Mixtral" in name else set())
+    if name not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):  # these two have no dense MLP here
+        want.add("swiglu")
+    assert tags == want, tags
     ids, mask, labels, pos_left, packed = batch()
     valid = mask.bool()[..., None]
     with torch.no_grad():  # logits without labels (the model still returns them), padding masks
