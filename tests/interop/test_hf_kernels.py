@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import llmcore.hf as lh
+import llmcore.hf.patch  # noqa: F401  (PATCHES)
 from llmcore.hf.loss import _loss
 from tests.conftest import assert_close
 
@@ -245,3 +246,35 @@ def test_trl_sft_trainer_three_steps_match(tmp_path, bf16):
     first, rest = (1e-4, 5e-4) if bf16 else (1e-6, 1e-5)
     assert abs(b[0] - a[0]) <= first * abs(a[0]), (a, b)
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=0, rtol=rest)
+
+
+@pytest.mark.parametrize("flag", ["rms_norm", "rope", "swiglu", "attention", "fused_linear_cross_entropy", "moe"])
+def test_each_patch_alone(flag):
+    """Each flag on its own (e.g. our attention behind transformers' own rotation) keeps the model exact."""
+    ref = build("Qwen3MoeForCausalLM", mlp_only_layers=[0])
+    pat = lh.apply_kernels(copy.deepcopy(ref), **{f: f == flag for f in lh.patch.PATCHES})
+    ids, mask, labels, pos_left, packed = batch()
+    valid = mask.bool()[..., None]
+    with torch.no_grad():
+        a = ref(ids, attention_mask=mask, position_ids=pos_left).logits
+        b = pat(ids, attention_mask=mask, position_ids=pos_left).logits
+        torch.testing.assert_close(b * valid, a * valid, atol=2e-5, rtol=1e-4)
+        a = ref(ids, position_ids=packed, use_cache=False).logits
+        b = pat(ids, position_ids=packed, use_cache=False).logits
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    la, ga = run(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    lb, gb = run(pat, input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+    check_grads(ga, gb)
+
+
+def test_gradient_checkpointing():
+    ref, pat = pair("Qwen2ForCausalLM")
+    for m in (ref, pat):
+        m.gradient_checkpointing_enable()
+        m.train()
+    ids, mask, labels, *_ = batch()
+    la, ga = run(ref, input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    lb, gb = run(pat, input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+    check_grads(ga, gb)
