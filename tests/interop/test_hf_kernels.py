@@ -278,3 +278,21 @@ def test_gradient_checkpointing():
     lb, gb = run(pat, input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
     torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
     check_grads(ga, gb)
+
+
+def test_fallbacks_custom_4d_mask_and_short_sliding_window():
+    """What our kernel cannot express goes to transformers' sdpa and stays exact: a caller's 4D mask,
+    a sliding window shorter than the sequence (Mistral window 4 over 11 tokens), padded or not."""
+    ref, pat = pair("Qwen2ForCausalLM")
+    ids, mask, *_ = batch()
+    g = torch.Generator().manual_seed(7)
+    m4 = (torch.rand(3, 1, 11, 11, generator=g) < 0.6) | torch.eye(11, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(pat(ids, attention_mask=m4).logits, ref(ids, attention_mask=m4).logits,
+                                   atol=2e-5, rtol=1e-4)
+    ref, pat = pair("MistralForCausalLM", sliding_window=4)
+    valid = mask.bool()[..., None]
+    with torch.no_grad():
+        torch.testing.assert_close(pat(ids).logits, ref(ids).logits, atol=2e-5, rtol=1e-4)
+        a, b = ref(ids, attention_mask=mask).logits, pat(ids, attention_mask=mask).logits
+        torch.testing.assert_close(b * valid, a * valid, atol=2e-5, rtol=1e-4)
