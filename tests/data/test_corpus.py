@@ -162,6 +162,30 @@ def test_answers_are_right(recs):
         ("<think>so 7</think> 8", "7", False),
         ("8\n7", "7", False),
         ("ＡＢＣ", "abc", True),
+        ("\n 7 \n8", "7", True),  # the first non-empty line
+        # hedged or listed answers: only the first span counts, and a span holding a list is wrong
+        ("1 2 3 4 5 6 7 8 9 10 11 12 13 14 15", "7", False),
+        ("1 2 3 … 15", "7", False),
+        ("7 8 9", "7", False),
+        ("8, 7", "7", False),
+        ("8 or 7", "7", False),
+        ("8/7", "7", False),
+        ("8; 7", "7", False),
+        ("7, 8", "7", True),  # the first span is right
+        ("Kasumi or Velora", "Velora", False),
+        ("Kasumi, Velora, Doran", "Velora", False),
+        ("Velora Kasumi Doran Pelo Mira", "Velora", False),
+        ("Velora Velora", "Velora", False),
+        ("蓝色、红色", "红色", False),
+        ("蓝色或红色", "红色", False),
+        ("蓝色，红色", "红色", False),
+        ("红色、蓝色", "红色", True),
+        ("红色红色", "红色", False),
+        ("它可能是蓝色也可能是红色", "红色", False),
+        ("It is 17 or 7.", "7", False),
+        ("7 years old", "7", True),
+        ("salt or pepper", "salt or pepper", True),  # a separator inside the answer does not cut
+        ("<answer>8, 7</answer>", "7", False),
     ],
 )
 def test_score_answer(pred, answer, ok):
