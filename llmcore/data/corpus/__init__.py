@@ -29,6 +29,9 @@ few CPU minutes measurably learns it:
   here phrased with a question template SFT never uses) and "unseen_fact" (a fact SFT never asks
   about at all, phrased with an SFT template: knowledge must come from pretraining).
 - **eval_dpo.jsonl**: held-out preference pairs (on the held-out facts), same format as dpo.
+- **facts.jsonl** `{"kind", "relation", "subject", "answer", "lang", "split": "train"|"unseen_fact"}`:
+  every fact and single-step arithmetic item with whether SFT asks about it (for the baselines of
+  `baselines.py`: the relation-prior guess).
 - **eval_reason.jsonl**: held-out reasoning questions (entities / number triples that reason.jsonl
   never uses) with answers, format of eval.jsonl plus "reasoning" (the reference trace).
 
@@ -38,8 +41,13 @@ shortest CPU runs), "small" (the CPU default: ~0.8 M tokens of
 pretraining, generated in about a second) and "large" (a 4x bigger world, ~20x more text, for a
 GPU run). Same (seed, size) -> same bytes.
 
-`score_answer(prediction, answer)` is the exact-match rule for the eval files.
+Modules: `templates` (vocabulary, statement and question templates), `world` (sizes, entities,
+facts), `generators` (documents, conversations, the files), `scoring` (`score_answer`, the strict
+exact-match rule for the eval files), `baselines` (the relation-prior guess).
 """
+from llmcore.data.corpus.baselines import (  # noqa: F401
+    format_split_table, prior_accuracy, relation_prior, split_accuracy,
+)
 from llmcore.data.corpus.generators import CORPUS_VERSION, generate_default_corpus, write_default_corpus  # noqa: F401
 from llmcore.data.corpus.scoring import (  # noqa: F401
     ANSWER_SEPARATORS, first_answer_span, normalize_answer, score_answer,

@@ -31,6 +31,12 @@ class CorpusSize:
     unseen_fact_frac: float = 0.15
     unseen_arith_frac: float = 0.15
     zh_names: bool = False  # True: Chinese text uses transliterated names (卡洛米); False: the Latin ones
+    # Pretraining mix: relative weights of the document kinds (generators._pretrain_docs). "qa" is a
+    # question-and-answer transcript about facts and sums SFT also asks about (never a held-out one).
+    mix: tuple = (("profile", 35), ("facts", 25), ("story", 10), ("dialogue", 10), ("arith", 15), ("chain", 5))
+    # Extra statements of each held-out (unseen_fact) fact per language, each in a random template,
+    # spread over their own short documents: a fact only pretraining teaches is seen often enough.
+    unseen_repeats: int = 0
 
 
 SIZES = {
