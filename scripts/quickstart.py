@@ -46,6 +46,7 @@ def main(argv=None):
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--dpo-lr", type=float, default=1e-4)
     p.add_argument("--dpo-beta", type=float, default=0.1)
+    p.add_argument("--dpo-sft-weight", type=float, default=0.0, help="weight of the chosen-answer NLL added to DPO (RPO)")
     p.add_argument("--no-control", action="store_true",
                    help="skip the SFT-only control (the same SFT from a random init, no pretraining)")
     p.add_argument("--no-progress", action="store_true")
@@ -128,7 +129,7 @@ def main(argv=None):
     pref0, _ = preference_accuracy(model, held_pairs)
     cfg = TrainConfig(out_dir=str(out / "dpo"), max_steps=a.dpo_steps, lr=a.dpo_lr, warmup_steps=10,
                       **{**common, "batch_size": max(1, a.batch_size // 2)})
-    hist = train_dpo(model, pairs, cfg, beta=a.dpo_beta)
+    hist = train_dpo(model, pairs, cfg, beta=a.dpo_beta, sft_weight=a.dpo_sft_weight)
     pref1, _ = preference_accuracy(model, held_pairs)
     times["dpo"] = time.perf_counter() - t
     print(f"  loss {hist['losses'][0][1]:.3f} -> {hist['losses'][-1][1]:.3f}; held-out preference accuracy "
