@@ -302,7 +302,7 @@ def generate_default_corpus(seed: int = 0, size: str = "small") -> dict[str, lis
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     cfg = SIZES[size]
     world = build_world(seed, cfg)
-    rng = random.Random(f"llmcore-corpus-{seed}-{size}")
+    rng = random.Random(f"llmcore-corpus-{seed}-{cfg.rng_key or size}")
 
     # ---- held-out split: facts and arithmetic items SFT/DPO/reason never ask about --------
     facts_by_key = {f.key: f for f in world.facts}
