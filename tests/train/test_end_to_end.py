@@ -11,7 +11,11 @@ import pytest
 
 from scripts.quickstart import main
 
-# Margins set from measurement (see MEASURED below); each keeps roughly half the measured gap.
+# Measured (2026-12-02, 2-core Intel Xeon shared with other jobs, load ~7, the defaults, 2 threads),
+# held-out accuracy per split (120 questions each):
+#   unseen_fact:     relation prior 12.5%, SFT-only control 15.8%, after SFT 32.5%, after DPO 27.5%
+#   unseen_template: relation prior 20.8%, SFT-only control 20.8%, after SFT 55.0%, after DPO 51.7%
+# (1 thread, same data: unseen_fact 38.3% after SFT, control 15.8%). Margins keep ~half the gaps.
 MIN_UNSEEN_FACT_OVER_CONTROL = 0.10
 MIN_UNSEEN_FACT_OVER_PRIOR_RATIO = 2.0
 MIN_UNSEEN_TEMPLATE_OVER_CONTROL = 0.15
@@ -27,4 +31,4 @@ def test_quickstart_learns_beyond_guessing(tmp_path):
     assert sft["unseen_fact"] >= control["unseen_fact"] + MIN_UNSEEN_FACT_OVER_CONTROL, acc
     assert sft["unseen_template"] >= control["unseen_template"] + MIN_UNSEEN_TEMPLATE_OVER_CONTROL, acc
     # DPO must not undo SFT (a gain is not yet reached: see the quick start's docstring)
-    assert acc["after DPO"]["all"] >= sft["all"] - 0.05, acc
+    assert acc["after DPO"]["all"] >= sft["all"] - 0.08, acc  # measured -4.2 points (2 threads), -1.7 (1 thread)
