@@ -7,6 +7,10 @@ adapters disabled (no second copy in memory). Sequence scores are summed complet
 
 Logged metrics per step: reward_margin = mean(beta * ((pi_c - ref_c) - (pi_r - ref_r))),
 reward_acc = mean(chosen reward > rejected reward), chosen_reward, rejected_reward.
+
+`sft_weight` > 0 adds the chosen completions' mean per-token NLL times sft_weight to the loss (RPO,
+Pang et al. 2024 "Iterative Reasoning Preference Optimization"): DPO alone can lower both
+completions' likelihood; the NLL term keeps the chosen answer likely (logged as "chosen_nll").
 """
 import copy
 
@@ -22,8 +26,11 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def make_dpo_loss(ref_model=None, beta: float = 0.1, label_smoothing: float = 0.0):
+def make_dpo_loss(ref_model=None, beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0):
     """loss_fn(model, batch) -> (loss, metrics) for llmcore.train.loop.train."""
+    if sft_weight < 0:
+        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+
     def loss_fn(model, batch):
         ids, labels = batch["input_ids"], batch["labels"]
         logps = sequence_logps(model(ids), labels)  # (2B,)
@@ -36,7 +43,13 @@ def make_dpo_loss(ref_model=None, beta: float = 0.1, label_smoothing: float = 0.
         pc, pr = logps.chunk(2)
         rc, rr = ref.chunk(2)
         loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta, label_smoothing)
-        return loss, {"reward_margin": (cr - rj).mean(), "reward_acc": (cr > rj).float().mean(),
+        extra = {}
+        if sft_weight > 0:
+            n_chosen = (labels.chunk(2)[0] != -100).sum().clamp(min=1)
+            nll = -pc.sum() / n_chosen  # mean NLL per chosen completion token
+            loss = loss + sft_weight * nll
+            extra["chosen_nll"] = nll.detach()
+        return loss, {**extra, "reward_margin": (cr - rj).mean(), "reward_acc": (cr > rj).float().mean(),
                       "chosen_reward": cr.mean(), "rejected_reward": rj.mean()}
     loss_fn.units = lambda batch: batch["input_ids"].shape[0] // 2  # the loss is a mean over pairs
     return loss_fn
@@ -72,11 +85,11 @@ def preference_accuracy(model, dataset, batch_size: int = 16, dtype: str = "fp32
 
 
 def train_dpo(model, dataset, cfg, ref_model="auto", beta: float = 0.1, label_smoothing: float = 0.0,
-              eval_dataset=None):
+              eval_dataset=None, sft_weight: float = 0.0):
     """DPO-train `model` on a PairDataset. ref_model="auto": frozen copy, or adapters-off under LoRA."""
     if ref_model == "auto":
         ref_model = reference_model(model)
     if ref_model is not None:
         ref_model.to(cfg.device)
-    return train(model, dataset, cfg, loss_fn=make_dpo_loss(ref_model, beta, label_smoothing),
+    return train(model, dataset, cfg, loss_fn=make_dpo_loss(ref_model, beta, label_smoothing, sft_weight),
                  eval_dataset=eval_dataset, collate=pair_collate)

@@ -10,7 +10,7 @@ from llmcore.data.corpus import (
     normalize_answer, score_answer, write_default_corpus,
 )
 
-NAMES = ("pretrain", "sft", "dpo", "reason", "eval", "eval_dpo", "eval_reason")
+NAMES = ("pretrain", "sft", "dpo", "reason", "eval", "eval_dpo", "eval_reason", "facts")
 
 
 def _read(path):
@@ -162,6 +162,30 @@ def test_answers_are_right(recs):
         ("<think>so 7</think> 8", "7", False),
         ("8\n7", "7", False),
         ("ＡＢＣ", "abc", True),
+        ("\n 7 \n8", "7", True),  # the first non-empty line
+        # hedged or listed answers: only the first span counts, and a span holding a list is wrong
+        ("1 2 3 4 5 6 7 8 9 10 11 12 13 14 15", "7", False),
+        ("1 2 3 … 15", "7", False),
+        ("7 8 9", "7", False),
+        ("8, 7", "7", False),
+        ("8 or 7", "7", False),
+        ("8/7", "7", False),
+        ("8; 7", "7", False),
+        ("7, 8", "7", True),  # the first span is right
+        ("Kasumi or Velora", "Velora", False),
+        ("Kasumi, Velora, Doran", "Velora", False),
+        ("Velora Kasumi Doran Pelo Mira", "Velora", False),
+        ("Velora Velora", "Velora", False),
+        ("蓝色、红色", "红色", False),
+        ("蓝色或红色", "红色", False),
+        ("蓝色，红色", "红色", False),
+        ("红色、蓝色", "红色", True),
+        ("红色红色", "红色", False),
+        ("它可能是蓝色也可能是红色", "红色", False),
+        ("It is 17 or 7.", "7", False),
+        ("7 years old", "7", True),
+        ("salt or pepper", "salt or pepper", True),  # a separator inside the answer does not cut
+        ("<answer>8, 7</answer>", "7", False),
     ],
 )
 def test_score_answer(pred, answer, ok):
@@ -171,3 +195,37 @@ def test_score_answer(pred, answer, ok):
 def test_normalize_answer():
     assert normalize_answer("  Hello,  World! ") == "hello world"
     assert normalize_answer("红色。") == "红色"
+
+
+def test_facts_file_matches_the_splits(recs):
+    """facts.jsonl says which facts SFT asks about: every unseen_fact eval question is about a fact of
+    split unseen_fact, every unseen_template one about a training fact."""
+    split = {(f["relation"], f["subject"], f["lang"]): f["split"] for f in recs["facts"]}
+    for r in recs["eval"]:
+        key = (r["relation"], r["subject"], r["lang"]) if r["kind"] == "fact" else (r["expr"].split()[1], r["expr"], r["lang"])
+        assert split[key] == ("unseen_fact" if r["split"] == "unseen_fact" else "train"), r
+    sft_answers = {(m["content"]) for r in recs["sft"] for m in r["conversations"] if m["role"] == "user"}
+    assert any(f["split"] == "unseen_fact" for f in recs["facts"]) and sft_answers
+
+
+def test_relation_prior():
+    from llmcore.data.corpus import prior_accuracy, relation_prior
+
+    facts = [{"relation": "color", "lang": "en", "answer": a, "split": s}
+             for a, s in [("red", "train"), ("blue", "train"), ("blue", "train"), ("green", "unseen_fact"),
+                          ("green", "unseen_fact"), ("green", "unseen_fact"), ("black", "train"), ("red", "train")]]
+    facts += [{"relation": "+", "lang": "en", "answer": "7", "split": "train"}]
+    assert relation_prior(facts) == {("color", "en"): "blue", ("+", "en"): "7"}  # tie blue/red: alphabetical
+    evals = [{"relation": "color", "lang": "en", "answer": "blue", "split": "a"},
+             {"relation": "color", "lang": "en", "answer": "green", "split": "a"},
+             {"relation": "color", "lang": "zh", "answer": "蓝色", "split": "b"},  # no zh training fact: a miss
+             {"expr": "3 + 4", "lang": "en", "answer": "7", "split": "b"}]
+    assert prior_accuracy(evals, facts) == {"a": 0.5, "all": 0.5, "b": 0.5}
+
+
+def test_prior_on_the_small_corpus_is_low_but_not_zero():
+    from llmcore.data.corpus import prior_accuracy
+
+    c = generate_default_corpus(0, "small")
+    acc = prior_accuracy(c["eval"], c["facts"])
+    assert 0.02 < acc["unseen_fact"] < 0.4 and 0.02 < acc["unseen_template"] < 0.4, acc

@@ -212,7 +212,7 @@ def test_prepare_default_data_and_reuse(tmp_path):
     from llmcore.data.prep import prepare_default_data
 
     r = prepare_default_data(tmp_path, size="tiny", num_workers=1, progress=False)
-    assert set(r["corpus"]) == {"pretrain", "sft", "dpo", "reason", "eval", "eval_dpo", "eval_reason"}
+    assert set(r["corpus"]) == {"pretrain", "sft", "dpo", "reason", "eval", "eval_dpo", "eval_reason", "facts"}
     assert len(PackedPretrainDataset(r["pretrain"], 64)) > 0
     assert len(SFTDataset(r["sft"], 64)) == 200 and len(SFTDataset(r["reason"], 64)) > 0
     assert len(DPODataset(r["dpo"], 64)) == 50 and len(DPODataset(r["eval_dpo"], 64)) == 10

@@ -195,6 +195,85 @@ def test_sampling_rules():
     assert not bool((pen == greedy).any())
 
 
+# A fixed logit vector for the sampler's distribution tests: a spread of 12 values (some tied).
+_LOGITS = torch.tensor([2.0, 1.5, 1.5, 1.0, 0.7, 0.3, 0.0, -0.2, -0.5, -1.0, -1.5, -3.0], dtype=torch.float64)
+
+
+def _restricted_softmax(logits, temperature, top_k=0, top_p=1.0):
+    """fp64 reference written independently of sample_next: softmax(logits / T) over the top-k
+    (ties at the k-th value kept), then the smallest most-likely-first prefix whose mass reaches top_p."""
+    p = (logits / temperature).softmax(-1)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_k:
+        keep &= logits >= logits.sort(descending=True).values[top_k - 1]
+    p = torch.where(keep, p, 0.0)
+    p = p / p.sum()
+    if top_p < 1.0:
+        order = p.argsort(descending=True, stable=True)
+        kept, mass = [], 0.0
+        for i in order.tolist():
+            kept.append(i)
+            mass += float(p[i])
+            if mass >= top_p:
+                break
+        mask = torch.zeros_like(keep)
+        mask[kept] = True
+        p = torch.where(mask, p, 0.0)
+        p = p / p.sum()
+    return p
+
+
+def _draw_counts(n, seed=0, **kw):
+    """Counts of n draws of sample_next on _LOGITS (one batch row of n copies, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = sample_next(_LOGITS.float().expand(n, -1), generator=g, **kw)
+    return torch.bincount(ids, minlength=len(_LOGITS)).double()
+
+
+def _chi2_p(counts, probs):
+    """Chi-square goodness-of-fit p-value; any draw of a zero-probability token fails at once."""
+    from scipy.stats import chisquare
+
+    assert counts[probs == 0].sum() == 0, f"drew a token of probability 0: {counts.tolist()}"
+    n = counts.sum()
+    keep = probs * n >= 5
+    obs, exp = counts[keep].tolist(), (probs[keep] * n).tolist()
+    rest_o, rest_e = float(n - sum(obs)), float(n - sum(exp))
+    if rest_e >= 1:
+        obs.append(rest_o)
+        exp.append(rest_e)
+    exp = [e * sum(obs) / sum(exp) for e in exp]
+    return chisquare(obs, exp).pvalue
+
+
+N_DRAWS = 20000
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 4, 1.0),
+                                                     (1.5, 5, 1.0), (1.0, 0, 0.8), (0.7, 0, 0.6), (1.2, 6, 0.9)])
+def test_sampled_frequencies_follow_restricted_softmax(temperature, top_k, top_p):
+    """Frequencies of 20000 draws match softmax(logits / T) restricted to top-k / top-p (chi-square,
+    p > 1e-4), and the same counts reject the distribution of another temperature (p < 1e-10): a
+    sampler that ignores T, top_k or top_p, or always answers greedily, fails."""
+    counts = _draw_counts(N_DRAWS, temperature=temperature, top_k=top_k, top_p=top_p)
+    want = _restricted_softmax(_LOGITS, temperature, top_k, top_p)
+    assert _chi2_p(counts, want) > 1e-4, (counts.tolist(), (want * N_DRAWS).tolist())
+    other = _restricted_softmax(_LOGITS, temperature * 1.5, top_k, top_p)
+    assert _chi2_p(counts, other) < 1e-10
+
+
+def test_sampling_seeds_and_temperature():
+    """Different seeds draw different sequences at T = 1; the same seed the same one; a higher
+    temperature spreads the draws (more distinct tokens, a less frequent top token)."""
+    a, b = (_draw_counts(1, s, temperature=1.0) for s in (0, 0))
+    assert torch.equal(a, b)
+    seqs = [tuple(sample_next(_LOGITS.float().expand(64, -1), temperature=1.0,
+                              generator=torch.Generator().manual_seed(s)).tolist()) for s in range(4)]
+    assert len(set(seqs)) == 4
+    cold, hot = _draw_counts(4000, temperature=0.3), _draw_counts(4000, temperature=3.0)
+    assert cold[0] > hot[0] + 1000 and (hot > 0).sum() > (cold > 0).sum()
+
+
 class _ByteTok:
     def decode(self, ids):
         return bytes(ids).decode("utf-8", errors="replace")
@@ -218,15 +297,37 @@ def test_kv_cache_object():
 
 
 def test_moe_model_trains_and_reports_aux_loss():
+    """An MoE model learns (loss on a repeating sequence falls by more than half in 40 AdamW steps);
+    its aux loss is positive; the router gets a gradient from the aux loss alone and from the LM
+    loss alone (through the combine weights); every routed and shared expert weight gets one."""
     torch.manual_seed(0)
     m = Transformer(get_config("tiny", **SMALL, n_experts=4, n_shared_experts=1, top_k=2))
-    ids = torch.randint(0, 512, (2, 32))
-    _, loss = m(ids, labels=ids)
+    seq = torch.randint(0, 512, (2, 8)).repeat(1, 5)[:, :33]  # a pattern of 8 repeated
+    ids, labels = seq[:, :-1], seq[:, 1:]  # (2, 32) next-token prediction
+    _, loss = m(ids, labels=labels)
     aux = m.aux_loss()
     assert aux is not None and aux.item() > 0
-    loss.backward()
-    assert m.layers[0].mlp.gate.weight.grad is not None
-    assert all(p.grad is not None for n, p in m.named_parameters() if "shared" in n)
+    aux.backward()
+    g = m.layers[0].mlp.gate.weight.grad
+    assert g is not None and g.abs().sum() > 0, "the aux loss must reach the router"
+    m.zero_grad(set_to_none=True)
+    logits = m(ids)  # the LM loss alone reaches the router too, through the combine weights
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    assert m.layers[0].mlp.gate.weight.grad.abs().sum() > 0, "the LM loss must reach the router"
+    m.zero_grad(set_to_none=True)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        _, loss = m(ids, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0:
+            for n, p in m.named_parameters():
+                if "mlp" in n:
+                    assert p.grad is not None and p.grad.abs().sum() > 0, n
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::8]
 
 
 def test_flops_per_token_is_about_6n():

@@ -62,3 +62,33 @@ def test_dpo_reference_is_frozen_copy_or_disabled_adapters(bundled, sft_copy):
     assert all(p.grad is not None for p in lora_parameters(lora))
     with disable_adapters(lora), torch.no_grad():
         torch.testing.assert_close(lora(b["input_ids"]), ref(b["input_ids"]))
+
+
+def test_sft_weight_adds_the_chosen_token_nll():
+    """make_dpo_loss(sft_weight=w) = DPO loss + w * (summed chosen completion NLL / chosen tokens),
+    checked against an independent computation on a tiny model; negative weights are refused."""
+    import torch.nn.functional as F
+
+    from llmcore.model import Transformer, get_config
+    from llmcore.train.losses import dpo_loss, sequence_logps
+
+    torch.manual_seed(0)
+    m = Transformer(get_config("tiny", dim=64, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=64, max_seq_len=16,
+                               backend="torch"))
+    ref = copy.deepcopy(m).eval()
+    ids = torch.randint(3, 64, (4, 12))  # rows 0-1 chosen, 2-3 rejected
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, :8] = -100  # chosen rows with different completion lengths
+    batch = {"input_ids": ids, "labels": labels}
+    plain, _ = make_dpo_loss(ref, 0.1)(m, batch)
+    got, metrics = make_dpo_loss(ref, 0.1, sft_weight=0.5)(m, batch)
+    with torch.no_grad():
+        logits = m(ids)
+        # labels are pre-shifted: labels[t] is the target of position t (sequence_logps' convention)
+        nll = F.cross_entropy(logits[:2].flatten(0, 1).double(), labels[:2].flatten(), ignore_index=-100, reduction="sum")
+        want_nll = nll / (labels[:2] != -100).sum()
+    torch.testing.assert_close(got.double(), plain.double() + 0.5 * want_nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["chosen_nll"].double(), want_nll, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="sft_weight"):
+        make_dpo_loss(ref, 0.1, sft_weight=-1.0)
