@@ -47,7 +47,7 @@ op_files() {  # the op test files in priority order, then any other tests/ops fi
 }
 # test budgets include ~10 s of pytest + torch + CUDA start; flash_attn 139, moe 150, rope 136 cases
 declare -A BUDGET=([preflight]=25 [build]=180 [test_flash_attn]=45 [test_rms_norm]=25 [test_moe]=25
-                   [test_rope]=20 [test_swiglu]=15 [test_nf4]=15 [test_launch_limits]=30 [test_qk_norm_rope]=20 [memcheck]=40 [racecheck]=35 [bench]=50)
+                   [test_rope]=20 [test_swiglu]=15 [test_nf4]=15 [test_launch_limits]=30 [test_qk_norm_rope]=20 [memcheck]=40 [racecheck]=30 [bench]=50)
 TEST_DEFAULT_BUDGET=15
 DEADLINE=${LLMCORE_GPU_DEADLINE_S:-540}
 STAGES=(preflight build)
