@@ -4,6 +4,7 @@ F.cross_entropy), torch (plain PyTorch backend) and torch.compile(torch), all fr
 the providers alternating step by step in one process (this VM's absolute times drift between runs).
 
     PYTHONPATH=$PWD python bench/train_step_paired.py [--rounds 15] [--batch 8] [--seq 256]
+    LLMCORE_CPU_GEMM=avx512bf16 ...   # force a tile-GEMM engine (csrc/common/cpu_gemm.h)
 """
 import argparse
 import statistics
@@ -59,6 +60,9 @@ def main():
             s()
             times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
+    import llmcore
+    info = llmcore.build_info()
+    print(f"{info['cpu_model']}, flash-attn tile-GEMM engine {info['cpu_gemm_bf16']} (LLMCORE_CPU_GEMM to force one)")
     print(f"tiny, batch {a.batch} x {a.seq}, bf16 autocast, {torch.get_num_threads()} threads, {a.rounds} paired rounds")
     print("| provider | first loss | median ms/step | llmcore speedup |")
     print("| --- | ---: | ---: | ---: |")

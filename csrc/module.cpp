@@ -37,7 +37,8 @@ static std::string cpu_model() {
   while (std::getline(f, line))
     if (line.rfind("model name", 0) == 0) {
       const auto c = line.find(':');
-      return c == std::string::npos ? line : line.substr(line.find_first_not_of(" \t", c + 1));
+      const auto v = c == std::string::npos ? std::string::npos : line.find_first_not_of(" \t", c + 1);
+      return v == std::string::npos ? "unknown" : line.substr(v);
     }
   return "unknown";
 }
