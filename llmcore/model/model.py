@@ -225,6 +225,19 @@ class KVCache:
     def advance(self, n: int):
         self.seqlens += n
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop): buffers and seqlens share storage with this cache, so a
+        forward (and advance) on the view fills those rows in place. Used to prefill one prompt
+        into its slot of a batch whose rows then decode together at their own lengths."""
+        if not 0 <= start < stop <= self.seqlens.shape[0]:
+            raise ValueError(f"rows({start}, {stop}) outside a cache of {self.seqlens.shape[0]} rows")
+        view = KVCache.__new__(KVCache)
+        view.max_len = self.max_len
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.seqlens = self.seqlens[start:stop]
+        return view
+
 
 def build_model(cfg: ModelConfig) -> Transformer:
     return Transformer(cfg)

@@ -294,6 +294,28 @@ def test_kv_cache_object():
     assert cache.k[0].shape == (2, 10, 1, 64) and cache.seqlens.dtype == torch.int32
     cache.advance(3)
     assert cache.seqlens.tolist() == [3, 3]
+    with pytest.raises(ValueError, match="rows"):
+        cache.rows(1, 3)
+
+
+def test_kv_cache_rows_prefill_then_batched_decode_matches_one_at_a_time():
+    """Prompts of different lengths prefilled into their own rows (cache.rows), then decoded in
+    one batched forward per step at their own seqlens, give the logits of each prompt alone."""
+    torch.manual_seed(0)
+    m = Transformer(get_config("tiny", **SMALL)).eval()
+    prompts = [torch.randint(0, 512, (1, n)) for n in (5, 11, 2)]
+    nxt = torch.randint(0, 512, (3, 1))
+    with torch.no_grad():
+        cache = KVCache(m.cfg, 3, 16)
+        for i, p in enumerate(prompts):
+            view = cache.rows(i, i + 1)
+            m(p, cache=view)
+            view.advance(p.shape[1])
+        assert cache.seqlens.tolist() == [5, 11, 2]
+        batched = m(nxt, cache=cache)[:, -1]
+        for i, p in enumerate(prompts):
+            alone = m(torch.cat((p, nxt[i:i + 1]), 1))[:, -1]
+            torch.testing.assert_close(batched[i:i + 1], alone, atol=2e-5, rtol=1e-4)
 
 
 def test_moe_model_trains_and_reports_aux_loss():
