@@ -31,31 +31,44 @@ Training memory (bytes), per data-parallel rank of `world` ranks:
   2 = + grads / world; 3 (= FSDP full shard) = + weights / world.
   Activations (saved for backward) per micro-batch of B sequences of T tokens, element size `a`
   (2 for bf16/fp16 compute, 4 for fp32), flash attention (no T×T score matrix is kept):
-    per layer, per token   a·(4·d + 2·H·hd + 2·Hkv·hd + 3·F_act) + 4·(H + 2)
-      4·d: inputs and outputs of the two RMSNorms (the outputs feed the projections),
+    per layer, per token   a·(2·d + 2·H·hd + 2·Hkv·hd + 3·F_act) + r·2·d + 4·(H + 2)
+      2·d: outputs of the two RMSNorms (they feed the projections; under autocast the norm casts its
+      output once, so wq/wk/wv and w_gate/w_up share one 16-bit copy), r·2·d: their inputs, the
+      residual stream (r = a, or 4 under autocast, where h stays fp32),
       2·H·hd: q and the attention output, 2·Hkv·hd: k and v, 3·F_act: gate, up and silu(gate)·up (the
       SwiGLU kernel recomputes silu in backward) with F_act = F for a dense layer, k·Fe + S·Fs per
       token for MoE, plus, for MoE, the fp32 router logits and probabilities (2·E) and the k dispatched copies of x and of the expert
       outputs (2·k·d));
       fp32: the attention log-sum-exp (H) and the two rstd values.
-    final                  a·2·d + 4·V     (final norm in/out; the fp32 log-softmax of the logits that
+    final                  (r + a)·d + 4·V (final norm in/out; the fp32 log-softmax of the logits that
                                             the cross-entropy saves)
-                           fused_ce: a·2·d per token (the final norm's input, dhidden) + a·V·d once
-                           (dweight, computed in the forward; no logits are kept)
+                           fused_ce: (r + a)·d per token (the final norm's input, dhidden) + a·V·d
+                           once (dweight, computed in the forward; no logits are kept)
+  Autocast weight copies (`autocast_copies`): a·(every block's matmul weights and biases, and the
+  head's V·d unless fused_ce): autocast casts each fp32 weight once per forward and autograd keeps
+  the copy for the backward (a checkpointed block's are recast there instead).
   Activation checkpointing (every N-th block, llmcore.model.Transformer.set_grad_checkpointing) keeps
   only a checkpointed block's inputs: the branch output x (a·d) and the fp32 residual h (4·d) per token
   (the first block: its fp32 input only); the other blocks save as without it.
   Transient peak (backward of the loss): the fp32 gradient of the logits, 4·V bytes per token, lives
-  next to the saved activations and the gradients being accumulated; `total` includes it. fused_ce:
-  the larger of the forward's (chunk, V) logits buffer (about 32 MB; it meets the gradients under
-  gradient accumulation) and the backward's upstream-scaled copies of dhidden and dweight.
+  next to the saved activations. fused_ce: the larger of the forward's (chunk, V) logits buffer
+  (about 32 MB; with 16-bit inputs over several chunks also dweight's fp32 accumulator and partial,
+  and under autocast the head's 16-bit copy) and the backward's upstream-scaled dhidden and dweight.
+  Peak (`total`): weights + optimizer + the larger of two phases (the trainer frees gradients with
+  zero_grad(set_to_none=True), so they and the activations do not coexist in full):
+    backward  activations + autocast copies + transient (+ grads when they are held across the step:
+              gradient accumulation > 1, or DDP's bucket views with world > 1 and no FSDP)
+    update    grads + one fp32 temporary per stepped parameter (foreach AdamW, CUDA's default)
+  The backward phase is measured on CPU within 4% (tests/interop/test_plan.py); the update phase's
+  temporary is CUDA's foreach AdamW, not measured here (CPU AdamW steps one tensor at a time).
 
 Time: tokens · flops_per_token / (MFU · peak_flops(gpu, precision) · n_gpus).
 
 Recommendation (`recommend`): the first configuration, fastest first, whose estimated total fits
 `headroom` (default 85%) of the GPU's memory — the rest is the CUDA context, the caching allocator's
-fragmentation and what this estimate misses (it is low by 1.4-1.6x at small batch under autocast on
-preset tiny, measured: the autocast weight copies and the logits' fp32 copies):
+fragmentation and what this estimate misses (on CPU a warm step's total is within 4% of it in fp32 and
+under autocast, preset tiny, B 2-16, T 256: tests/interop/test_plan.py; a process's first forward
+also holds ~68 MiB of one-time host memory that is not tensors and does not grow with the model):
     1. DDP (torchrun --nproc_per_node N), everything replicated
     2. DDP + --grad-checkpointing (every block: ~30% more compute, activations ~1/L)
     3. --fsdp (FSDP2 full shard over N ranks; only when N > 1)       4. --fsdp + --grad-checkpointing
@@ -206,10 +219,13 @@ def flops_per_token(a: Arch, seq_len: int, training: bool = True) -> dict[str, f
     return dict(params=float(dense), attention=float(attn), total=float(dense + attn))
 
 
-def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, checkpointing: int = 0) -> int:
+def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, checkpointing: int = 0,
+                     residual_bytes: int | None = None) -> int:
     """Bytes saved for backward in one micro-batch (see the module docstring); checkpointing = N
-    recomputes every N-th block (True = 1 = all, 0 = none)."""
+    recomputes every N-th block (True = 1 = all, 0 = none); residual_bytes: the element size of the
+    residual stream h (the norms' saved inputs): act_bytes, or 4 under autocast (h stays fp32)."""
     d = a.dim
+    rb = act_bytes if residual_bytes is None else residual_bytes
     tokens = batch * seq_len
     every = int(checkpointing)
     n_ckpt = len(range(0, a.n_layers, every)) if every else 0
@@ -219,19 +235,20 @@ def activation_bytes(a: Arch, batch: int, seq_len: int, act_bytes: int = 2, chec
         extra = 4 * 2 * a.n_experts + act_bytes * 2 * a.top_k * d
     else:
         f_act, extra = a.ffn, 0
-    full = act_bytes * (4 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
-        + 4 * (a.n_heads + 2) + extra
+    full = act_bytes * (2 * d + 2 * a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 3 * f_act) \
+        + rb * 2 * d + 4 * (a.n_heads + 2) + extra
     kept = (act_bytes + 4) * d * n_ckpt - (act_bytes * d if n_ckpt else 0)  # x and h; block 0: its input only
     if a.fused_ce:  # the final norm's input and dhidden per token; dweight (V, d) once
-        return int(tokens * ((a.n_layers - n_ckpt) * full + kept + act_bytes * 2 * d) + act_bytes * a.vocab * d)
-    final = act_bytes * 2 * d + 4 * a.vocab
+        return int(tokens * ((a.n_layers - n_ckpt) * full + kept + (rb + act_bytes) * d) + act_bytes * a.vocab * d)
+    final = (rb + act_bytes) * d + 4 * a.vocab
     return int(tokens * ((a.n_layers - n_ckpt) * full + kept + final))
 
 
 def memory_bytes(a: Arch, precision: str = "autocast-bf16", zero: int = 0, world: int = 1, batch: int = 1,
-                 seq_len: int | None = None, checkpointing: int = 0) -> dict[str, int]:
+                 seq_len: int | None = None, checkpointing: int = 0, grad_accum: int = 1) -> dict[str, int]:
     """Per-rank training memory (bytes): weights, grads, optimizer states (AdamW), activations,
-    transient (logits gradient at the start of backward), total (their sum: the estimated peak)."""
+    autocast_copies, transient (at the start of backward), total (the estimated peak: see the module
+    docstring, "Peak") and peak_phase ("backward" or "update")."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if zero not in (0, 1, 2, 3):
@@ -248,14 +265,35 @@ def memory_bytes(a: Arch, precision: str = "autocast-bf16", zero: int = 0, world
     if zero >= 3:
         weights = math.ceil(weights / world)
     T = seq_len or a.max_seq_len
-    act = activation_bytes(a, batch, T, ab, checkpointing)
+    autocast = precision.startswith("autocast")
+    act = activation_bytes(a, batch, T, ab, checkpointing, residual_bytes=4 if autocast else ab)
+    # autocast's 16-bit copies of the matmul weights (and biases), cast once per forward and saved
+    # for backward: every parameter but the norms and the embedding gather, plus the head's V·d
+    pc = param_counts(a)
+    every = int(checkpointing)
+    n_ckpt = len(range(0, a.n_layers, every)) if every else 0  # checkpointed blocks recast in backward
+    blocks = n - pc["norms"] - pc["embedding"] - pc["lm_head"]
+    head = 0 if a.fused_ce else a.vocab * a.dim  # fused_ce keeps dweight (counted above), not the head's copy
+    copies = ab * (blocks * (a.n_layers - n_ckpt) // a.n_layers + head) if autocast else 0
+    if zero >= 3:
+        copies = math.ceil(copies / world)  # FSDP gathers and casts one block at a time (mixed precision policy)
     transient = 4 * a.vocab * batch * T
     if a.fused_ce:  # the forward's (chunk, V) logits buffer (~32 MB on CPU), or the backward's
         tokens = batch * T  # upstream-scaled copies of dhidden and dweight, whichever is larger
         chunk = min(tokens, max(1, (32 << 20) // (a.vocab * ab)))
-        transient = max(chunk * a.vocab * ab, ab * (tokens + a.vocab) * a.dim)
-    return dict(weights=weights, grads=grads, optimizer=opt, activations=act, transient=transient,
-                total=weights + grads + opt + act + transient)
+        vd = a.vocab * a.dim
+        fwd = chunk * a.vocab * ab + (ab * vd if autocast else 0)  # + the head's 16-bit copy, while it runs
+        if ab < 4 and chunk < tokens:
+            fwd += (4 + ab) * vd  # 16-bit dweight over several chunks: its fp32 accumulator and a partial
+        transient = max(fwd, ab * (tokens + a.vocab) * a.dim)
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    held = grads if grad_accum > 1 or (world > 1 and zero < 3) else 0
+    backward = act + copies + transient + held
+    update = grads + opt // 2  # foreach AdamW's one fp32 temporary per parameter it steps
+    return dict(weights=weights, grads=grads, optimizer=opt, activations=act, autocast_copies=copies,
+                transient=transient, total=weights + opt + max(backward, update),
+                peak_phase="backward" if backward >= update else "update")
 
 
 def train_time_s(a: Arch, tokens: float, gpu: str = "H100-SXM", mfu: float = 0.4, n_gpus: int = 1,
@@ -279,7 +317,8 @@ def _offload_gpu_bytes(a: Arch, precision: str, batch: int, seq_len: int, checkp
     pc = param_counts(a)
     block = (pc["total"] - pc["embedding"] - pc["lm_head"]) / max(1, a.n_layers)
     in_flight = 2 * block * (min(wb, 2) + gb) + (pc["embedding"] + pc["lm_head"]) * (min(wb, 2) + gb)
-    return int(in_flight + activation_bytes(a, batch, seq_len, ab, checkpointing) + 4 * a.vocab * batch * seq_len)
+    rb = 4 if precision.startswith("autocast") else ab
+    return int(in_flight + activation_bytes(a, batch, seq_len, ab, checkpointing, rb) + 4 * a.vocab * batch * seq_len)
 
 
 def recommend(cfg: Any, gpu_mem_gib: float, n_gpus: int = 1, batch: int = 16, seq_len: int | None = None,
@@ -296,20 +335,20 @@ def recommend(cfg: Any, gpu_mem_gib: float, n_gpus: int = 1, batch: int = 16, se
     budget = int(gpu_mem_gib * 2 ** 30 * headroom)
     launch = f"torchrun --nproc_per_node {n_gpus}" if n_gpus > 1 else "python"
 
-    def ladder(b):
-        yield "DDP" if n_gpus > 1 else "single GPU", [], memory_bytes(a, precision, 0, n_gpus, b, T)["total"]
+    def ladder(b, accum):
+        yield "DDP" if n_gpus > 1 else "single GPU", [], memory_bytes(a, precision, 0, n_gpus, b, T, 0, accum)["total"]
         yield ("DDP" if n_gpus > 1 else "single GPU") + " + activation checkpointing", ["--grad-checkpointing"], \
-            memory_bytes(a, precision, 0, n_gpus, b, T, 1)["total"]
+            memory_bytes(a, precision, 0, n_gpus, b, T, 1, accum)["total"]
         if n_gpus > 1:
-            yield "FSDP2", ["--fsdp"], memory_bytes(a, precision, 3, n_gpus, b, T)["total"]
+            yield "FSDP2", ["--fsdp"], memory_bytes(a, precision, 3, n_gpus, b, T, 0, accum)["total"]
             yield "FSDP2 + activation checkpointing", ["--fsdp", "--grad-checkpointing"], \
-                memory_bytes(a, precision, 3, n_gpus, b, T, 1)["total"]
+                memory_bytes(a, precision, 3, n_gpus, b, T, 1, accum)["total"]
         yield "FSDP2 + CPU offload + activation checkpointing", ["--fsdp", "--fsdp-offload", "--grad-checkpointing"], \
             _offload_gpu_bytes(a, precision, b, T, 1)
 
     b, accum = batch, grad_accum
     while True:
-        for name, flags, need in ladder(b):
+        for name, flags, need in ladder(b, accum):
             if need <= budget:
                 return dict(name=name, flags=flags, launch=launch, batch=b, grad_accum=accum, bytes=need,
                             budget=budget, fits=True)

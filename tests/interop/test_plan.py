@@ -65,8 +65,12 @@ def test_hand_numbers():
                                                    ("llmcore", True, 0.03, 0), ("torch", True, 0.3, 0),
                                                    ("llmcore", False, 0.03, 1), ("llmcore", True, 0.03, 1),
                                                    ("llmcore", False, 0.03, 2)])
-def test_activation_bytes_vs_saved_tensors(backend, moe, tol, every):
-    """The planner's activation estimate vs the unique storages autograd saves (fp32 training)."""
+@pytest.mark.parametrize("precision", ["fp32", "autocast-bf16"])
+def test_activation_bytes_vs_saved_tensors(backend, moe, tol, every, precision):
+    """The planner's activation estimate (+ autocast's weight copies) vs the unique storages autograd
+    saves, in fp32 and under bf16 autocast."""
+    if precision != "fp32" and backend == "torch":
+        pytest.skip("the torch backend's bound is loose already in fp32")
     torch.manual_seed(0)
     extra = dict(n_experts=4, top_k=2, n_shared_experts=1) if moe else {}
     cfg = get_config("tiny", backend=backend, dim=128, n_layers=4 if every else 2, vocab_size=2000, max_seq_len=128,
@@ -81,16 +85,18 @@ def test_activation_bytes_vs_saved_tensors(backend, moe, tol, every):
         saved[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, labels=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(v for k, v in saved.items() if k not in params and k != ids.untyped_storage().data_ptr())
-    est = memory_bytes(arch_from_config(cfg), "fp32", 0, 1, B, T, checkpointing=every)["activations"]
+    m = memory_bytes(arch_from_config(cfg), precision, 0, 1, B, T, checkpointing=every)
+    est = m["activations"] + m["autocast_copies"]
     assert abs(measured - est) / measured < tol, (measured, est)
 
 
 _PEAK = textwrap.dedent("""
-    import gc, json, sys, torch
+    import contextlib, gc, json, sys, torch
     from llmcore.model import build_model, get_config
     from llmcore.plan import arch_from_config, memory_bytes
     def status(key):
@@ -99,13 +105,16 @@ _PEAK = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    cfg = get_config("tiny", backend=sys.argv[1], max_seq_len=256)
+    backend, precision, B = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    T = 256
+    cfg = get_config("tiny", backend=backend, max_seq_len=T)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    B, T = 2, 256
     ids = torch.randint(0, cfg.vocab_size, (B, T))
     def step():
-        _, loss = model(ids, labels=ids)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision != "fp32" else contextlib.nullcontext()
+        with ctx:
+            _, loss = model(ids, labels=ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -116,27 +125,35 @@ _PEAK = textwrap.dedent("""
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark
     step()
     peak = status("VmHWM") - r0
-    m = memory_bytes(arch_from_config(cfg), "fp32", 0, 1, B, T)
+    m = memory_bytes(arch_from_config(cfg), precision, 0, 1, B, T)
     print(json.dumps(dict(peak_step=peak, static=static, plan=m)))
 """)
 
 
+# Measured (Intel Xeon, 2026-12-02), total = static + step peak vs the planner's total, MiB:
+# fp32 B2 121.4 / 120.3, B16 361.6 / 360.6; autocast-bf16 B2 107.1 / 106.2, B16 267.9 / 258.3.
+# A process's FIRST forward holds another ~68 MiB of host memory that is not tensors (the same for
+# tiny and minimind-26m, gone from the second step on): it is not counted, nor is it GPU memory.
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
-@pytest.mark.parametrize("backend", ["llmcore"])  # torch backend measured: 92.1 MiB vs 79.6 planned (+16%)
-def test_peak_training_memory(backend):
-    """Measured peak of one fp32 training step of the tiny preset (B=2, T=256) vs the planner.
-    Weights + AdamW states are checked exactly; the step's peak growth (grads + activations +
-    transients) within 25% of the planner's grads + activations + transient."""
+@pytest.mark.parametrize("precision,batch", [("fp32", 2), ("fp32", 16), ("autocast-bf16", 2), ("autocast-bf16", 16)])
+def test_peak_training_memory(precision, batch):
+    """Measured peak of a warm training step of the tiny preset (T=256) vs the planner, in fp32 and
+    under bf16 autocast: weights + AdamW states exactly; the whole step's peak (they + the step's
+    growth: activations, autocast copies, transients) within 15% of the planner's total, and the
+    growth alone within 10% of the planner's total - weights - optimizer."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _PEAK, backend], env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run([sys.executable, "-c", _PEAK, "llmcore", precision, str(batch)], env=env,
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     m = r["plan"]
     assert r["static"] == m["weights"] + m["optimizer"]
-    est = m["grads"] + m["activations"] + m["transient"]
-    print(f"{backend}: measured step peak {r['peak_step'] / 2**20:.1f} MiB, planner {est / 2**20:.1f} MiB")
-    assert abs(r["peak_step"] - est) / est < 0.25, (r["peak_step"], est)
+    growth = m["total"] - r["static"]
+    measured = r["static"] + r["peak_step"]
+    print(f"{precision} B{batch}: measured {measured / 2**20:.1f} MiB, planner {m['total'] / 2**20:.1f} MiB")
+    assert abs(measured - m["total"]) / measured < 0.15, (measured, m)
+    assert abs(r["peak_step"] - growth) / r["peak_step"] < 0.1, (r["peak_step"], growth)
 
 
 def test_minimind3_presets_have_minimind_figures():
